@@ -1,0 +1,72 @@
+"""OpenEXR reading and writing on top of the OpenEXR 3.x Python bindings.
+
+Reads every part of a file (Blender writes one part per pass) into a flat {channel name: array}
+map; writes single-part multilayer files, float or half.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import OpenEXR
+
+META_ATTRIBUTE = "pbnds_meta"
+
+
+class ExrError(ValueError):
+    """An EXR file that cannot be read, or channels that cannot be written."""
+
+
+def read_exr(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+    """Return ({full channel name: float32 (H, W) array}, metadata) from all parts of a file.
+
+    Channel names of later parts are prefixed with the part name when the channel name alone does
+    not carry it (OpenEXR multi-part files may store the layer as the part name).
+    """
+    path = Path(path)
+    try:
+        exr = OpenEXR.File(str(path), separate_channels=True)
+    except Exception as error:  # the bindings raise plain RuntimeError/OSError variants
+        raise ExrError(f"cannot read EXR file {path.name}: {error}") from error
+    channels: dict[str, np.ndarray] = {}
+    meta: dict = {}
+    for part in exr.parts:
+        for name, channel in part.channels.items():
+            channels[name] = np.asarray(channel.pixels, dtype=np.float32)
+        raw = part.header.get(META_ATTRIBUTE)
+        if raw:
+            meta = json.loads(raw)
+    shapes = {array.shape for array in channels.values()}
+    if len(shapes) > 1:
+        raise ExrError(f"EXR file {path.name} has channels of different sizes: {sorted(shapes)}")
+    return channels, meta
+
+
+def read_exr_bytes(data: bytes, name: str = "upload.exr") -> tuple[dict[str, np.ndarray], dict]:
+    """Like read_exr, for an EXR held in memory (the bindings read from paths only)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / Path(name).name
+        path.write_bytes(data)
+        try:
+            return read_exr(path)
+        except ExrError as error:
+            raise ExrError(str(error).replace(str(path), name)) from None
+
+
+def write_exr(path: str | os.PathLike, channels: dict[str, np.ndarray], *, half: bool = False,
+              meta: dict | None = None) -> None:
+    """Write a single-part EXR with ZIP compression; channel names are kept as given."""
+    dtype = np.float16 if half else np.float32
+    arrays = {name: np.ascontiguousarray(array, dtype=dtype) for name, array in channels.items()}
+    header = {"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage}
+    if meta is not None:
+        header[META_ATTRIBUTE] = json.dumps(meta)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".part")
+    with OpenEXR.File(header, arrays) as exr:
+        exr.write(str(tmp))
+    os.replace(tmp, path)  # never leave a half-written file where a result is expected

@@ -1,0 +1,365 @@
+"""The job format, version 1: the one contract between the add-on and the backend.
+
+docs/job-format.md is its specification; this module is its only implementation. A job is a
+folder with job.json, gbuffer.exr and hdri.exr; a result is one multilayer EXR. Every problem is a
+JobError naming the file, layer or option at fault; nothing is clamped or renormalised silently.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from .exrio import ExrError, read_exr, read_exr_bytes, write_exr
+
+FORMAT = "pbnds-job"
+VERSION = 1
+SAMPLINGS = ("uniform", "cosine", "stratified", "importance")
+MAX_RAYS = 4096
+RANGE_SLACK = 1e-3
+NORMAL_TOLERANCE = 1e-2
+
+# layer name -> channel count; single-channel layers accept any one channel name
+REQUIRED_LAYERS = {"albedo": 3, "specular": 3, "roughness": 1, "normal": 3, "depth": 1, "ao": 1, "mask": 1}
+OPTIONAL_LAYERS = {"metallic": 1, "position": 3}
+UNIT_RANGE_LAYERS = ("albedo", "specular", "roughness", "ao", "mask", "metallic")
+THREE_CHANNEL_NAMES = (("R", "G", "B"), ("X", "Y", "Z"))
+ONE_CHANNEL_NAMES = ("Y", "V", "X", "Z", "R", "A")
+
+
+class JobError(ValueError):
+    """A job, G-buffer, HDRI or option that breaks the contract; the message names the problem."""
+
+
+@dataclass
+class Options:
+    model: str = "default"
+    rays: int = 128
+    sampling: str = "importance"
+    seed: int = 0
+    shadows: bool = True
+
+    @classmethod
+    def from_dict(cls, values: dict | None, defaults: Options | None = None) -> Options:
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise JobError(f"unknown option(s) {unknown}; known options are {sorted(known)}")
+        options = cls(**{**asdict(defaults or cls()), **values})
+        options.validate()
+        return options
+
+    def validate(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise JobError(f"option 'model' must be a non-empty string, got {self.model!r}")
+        if isinstance(self.rays, bool) or not isinstance(self.rays, int) or not 1 <= self.rays <= MAX_RAYS:
+            raise JobError(f"option 'rays' must be an integer in 1..{MAX_RAYS}, got {self.rays!r}")
+        if self.sampling not in SAMPLINGS:
+            raise JobError(f"option 'sampling' must be one of {list(SAMPLINGS)}, got {self.sampling!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise JobError(f"option 'seed' must be a non-negative integer, got {self.seed!r}")
+        if not isinstance(self.shadows, bool):
+            raise JobError(f"option 'shadows' must be true or false, got {self.shadows!r}")
+
+
+@dataclass
+class Camera:
+    world_to_camera: np.ndarray  # (4, 4) float64, row-major as Blender prints it
+    projection: np.ndarray  # (4, 4) float64, OpenGL clip space
+
+    def to_dict(self) -> dict:
+        return {"world_to_camera": self.world_to_camera.tolist(), "projection": self.projection.tolist()}
+
+
+@dataclass
+class GBuffer:
+    """Per-pixel material and geometry, float32, first row = top of the image."""
+
+    albedo: np.ndarray  # (H, W, 3)
+    specular: np.ndarray  # (H, W, 3) F0 colour
+    roughness: np.ndarray  # (H, W)
+    normal: np.ndarray  # (H, W, 3) world space, unit length on the foreground
+    depth: np.ndarray  # (H, W)
+    ao: np.ndarray  # (H, W)
+    mask: np.ndarray  # (H, W) coverage 0..1
+    metallic: np.ndarray | None = None
+    position: np.ndarray | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)"""
+        return self.mask.shape
+
+    @property
+    def foreground(self) -> np.ndarray:
+        return self.mask > 0
+
+    def layers(self) -> dict[str, np.ndarray]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+
+
+@dataclass
+class Job:
+    width: int
+    height: int
+    gbuffer: GBuffer
+    hdri: np.ndarray  # (h, 2h, 3) linear RGB, first row = zenith
+    camera: Camera
+    options: Options = field(default_factory=Options)
+    frame: int = 1
+
+
+@dataclass
+class Result:
+    shaded: np.ndarray  # (H, W, 3)
+    unshadowed: np.ndarray  # (H, W, 3)
+    shadow: np.ndarray  # (H, W)
+    mask: np.ndarray  # (H, W)
+    meta: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def _matrix(value, name: str) -> np.ndarray:
+    try:
+        matrix = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        matrix = None
+    if matrix is None or matrix.shape != (4, 4) or not np.isfinite(matrix).all():
+        raise JobError(f"job.json: camera.{name} must be a 4x4 matrix of finite numbers")
+    return matrix
+
+
+def parse_job_json(data: dict) -> tuple[dict, Camera, Options]:
+    """Validate job.json's fields; return (the raw dict, camera, options)."""
+    if not isinstance(data, dict):
+        raise JobError("job.json must hold a JSON object")
+    if data.get("format") != FORMAT:
+        raise JobError(f"job.json: 'format' must be {FORMAT!r}, got {data.get('format')!r}")
+    if data.get("version") != VERSION:
+        raise JobError(f"job.json: unknown format version {data.get('version')!r}; this backend reads {VERSION}")
+    known = {"format", "version", "width", "height", "gbuffer", "hdri", "frame", "camera", "options"}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise JobError(f"job.json: unknown key(s) {unknown}")
+    for key in ("width", "height"):
+        value = data.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16384:
+            raise JobError(f"job.json: '{key}' must be an integer in 1..16384, got {value!r}")
+    if not isinstance(data.get("frame", 1), int):
+        raise JobError("job.json: 'frame' must be an integer")
+    camera = data.get("camera")
+    if not isinstance(camera, dict):
+        raise JobError("job.json: 'camera' with 'world_to_camera' and 'projection' is required")
+    camera = Camera(_matrix(camera.get("world_to_camera"), "world_to_camera"),
+                    _matrix(camera.get("projection"), "projection"))
+    options = data.get("options", {})
+    if not isinstance(options, dict):
+        raise JobError("job.json: 'options' must be an object")
+    return data, camera, Options.from_dict(options)
+
+
+def _split_layers(channels: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """{'ViewLayer.albedo.R': a} -> {'albedo': {'R': a}}: the last two dot-separated parts count."""
+    layers: dict[str, dict[str, np.ndarray]] = {}
+    for name, array in channels.items():
+        parts = name.split(".")
+        if len(parts) < 2:
+            continue
+        layers.setdefault(parts[-2].lower(), {})[parts[-1].upper()] = array
+    return layers
+
+
+def _gather_layer(name: str, count: int, channels: dict[str, np.ndarray], source: str) -> np.ndarray:
+    if count == 1:
+        for key in ONE_CHANNEL_NAMES:
+            if key in channels:
+                return channels[key]
+        raise JobError(f"{source}: layer '{name}' has no usable channel (found {sorted(channels)})")
+    for names in THREE_CHANNEL_NAMES:
+        if all(key in channels for key in names):
+            return np.stack([channels[key] for key in names], axis=-1)
+    raise JobError(f"{source}: layer '{name}' needs channels R,G,B or X,Y,Z (found {sorted(channels)})")
+
+
+def _first_bad_pixel(bad: np.ndarray) -> str:
+    row, col = np.argwhere(bad)[0][:2]
+    return f"{int(bad.sum())} pixel(s), first at row {row}, column {col}"
+
+
+def gbuffer_from_channels(channels: dict[str, np.ndarray], width: int, height: int,
+                          source: str = "gbuffer.exr") -> GBuffer:
+    layers = _split_layers(channels)
+    values: dict[str, np.ndarray] = {}
+    for name, count in {**REQUIRED_LAYERS, **OPTIONAL_LAYERS}.items():
+        if name not in layers:
+            if name in REQUIRED_LAYERS:
+                raise JobError(f"{source}: required layer '{name}' is missing (found {sorted(layers)})")
+            continue
+        array = _gather_layer(name, count, layers[name], source)
+        if array.shape[:2] != (height, width):
+            raise JobError(f"{source}: layer '{name}' is {array.shape[1]}x{array.shape[0]}, "
+                           f"the job is {width}x{height}")
+        values[name] = np.ascontiguousarray(array, dtype=np.float32)
+    gbuffer = GBuffer(**values)
+    validate_gbuffer(gbuffer, source)
+    return gbuffer
+
+
+def validate_gbuffer(gbuffer: GBuffer, source: str = "gbuffer.exr") -> None:
+    mask = gbuffer.mask
+    if not np.isfinite(mask).all():
+        raise JobError(f"{source}: layer 'mask' holds NaN or Inf in {_first_bad_pixel(~np.isfinite(mask))}")
+    foreground = gbuffer.foreground
+    for name, array in gbuffer.layers().items():
+        values = array[foreground]
+        bad = ~np.isfinite(values)
+        if bad.any():
+            where = np.zeros(mask.shape, bool)
+            where[foreground] = bad.reshape(len(values), -1).any(axis=1)
+            raise JobError(f"{source}: layer '{name}' holds NaN or Inf in foreground {_first_bad_pixel(where)}")
+        if name in UNIT_RANGE_LAYERS and values.size and (
+                values.min() < -RANGE_SLACK or values.max() > 1 + RANGE_SLACK):
+            raise JobError(f"{source}: layer '{name}' must lie in [0, 1] on the foreground, "
+                           f"found values in [{values.min():.4g}, {values.max():.4g}]")
+    length = np.linalg.norm(gbuffer.normal, axis=-1)
+    bad = foreground & (np.abs(length - 1) > NORMAL_TOLERANCE)
+    if bad.any():
+        raise JobError(f"{source}: layer 'normal' is not unit length in foreground {_first_bad_pixel(bad)} "
+                       f"(length {length[bad][0]:.3f}); render the G-buffer with a narrow pixel filter")
+
+
+def validate_hdri(hdri: np.ndarray, source: str = "hdri.exr") -> None:
+    height, width = hdri.shape[:2]
+    if width != 2 * height:
+        raise JobError(f"{source}: an equirectangular HDRI must be 2:1, got {width}x{height}")
+    if not np.isfinite(hdri).all():
+        raise JobError(f"{source}: holds NaN or Inf in {_first_bad_pixel(~np.isfinite(hdri).any(axis=-1))}")
+    if hdri.min() < 0:
+        raise JobError(f"{source}: holds negative radiance in {_first_bad_pixel((hdri < 0).any(axis=-1))}")
+
+
+def hdri_from_channels(channels: dict[str, np.ndarray], source: str = "hdri.exr") -> np.ndarray:
+    by_channel: dict[str, np.ndarray] = {}
+    for name, array in channels.items():
+        by_channel.setdefault(name.split(".")[-1].upper(), array)
+    if not all(key in by_channel for key in "RGB"):
+        raise JobError(f"{source}: needs R, G and B channels (found {sorted(channels)})")
+    hdri = np.ascontiguousarray(np.stack([by_channel[key] for key in "RGB"], axis=-1), dtype=np.float32)
+    validate_hdri(hdri, source)
+    return hdri
+
+
+def _read(reader, source: str):
+    try:
+        return reader()
+    except ExrError as error:
+        raise JobError(f"{source}: {error}") from None
+
+
+def job_from_parts(job_data: dict, gbuffer_channels: dict, hdri_channels: dict,
+                   defaults: Options | None = None) -> Job:
+    data, camera, _ = parse_job_json(job_data)
+    options = Options.from_dict(data.get("options"), defaults)
+    width, height = data["width"], data["height"]
+    return Job(width=width, height=height,
+               gbuffer=gbuffer_from_channels(gbuffer_channels, width, height, data.get("gbuffer", "gbuffer.exr")),
+               hdri=hdri_from_channels(hdri_channels, data.get("hdri", "hdri.exr")),
+               camera=camera, options=options, frame=data.get("frame", 1))
+
+
+def load_job(path: str | Path, defaults: Options | None = None) -> Job:
+    """Read a job from job.json (or the folder holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "job.json"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise JobError(f"job file {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise JobError(f"{path.name} is not valid JSON: {error}") from None
+    parse_job_json(data)
+    for key in ("gbuffer", "hdri"):
+        if not isinstance(data.get(key), str):
+            raise JobError(f"job.json: '{key}' must be a path relative to job.json")
+        if not (path.parent / data[key]).is_file():
+            raise JobError(f"job.json: {key} file {data[key]!r} does not exist beside {path.name}")
+    gbuffer_channels, _ = _read(lambda: read_exr(path.parent / data["gbuffer"]), data["gbuffer"])
+    hdri_channels, _ = _read(lambda: read_exr(path.parent / data["hdri"]), data["hdri"])
+    return job_from_parts(data, gbuffer_channels, hdri_channels, defaults)
+
+
+def job_from_bytes(job_json: bytes, gbuffer_exr: bytes, hdri_exr: bytes,
+                   defaults: Options | None = None) -> Job:
+    """Read a job uploaded as bytes (the service's path)."""
+    try:
+        data = json.loads(job_json)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise JobError(f"job.json is not valid JSON: {error}") from None
+    parse_job_json(data)
+    gbuffer_channels, _ = _read(lambda: read_exr_bytes(gbuffer_exr, "gbuffer.exr"), "gbuffer.exr")
+    hdri_channels, _ = _read(lambda: read_exr_bytes(hdri_exr, "hdri.exr"), "hdri.exr")
+    return job_from_parts(data, gbuffer_channels, hdri_channels, defaults)
+
+
+def hdri_from_bytes(hdri_exr: bytes) -> np.ndarray:
+    channels, _ = _read(lambda: read_exr_bytes(hdri_exr, "hdri.exr"), "hdri.exr")
+    return hdri_from_channels(channels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def _layer_channels(name: str, array: np.ndarray) -> dict[str, np.ndarray]:
+    if array.ndim == 2:
+        return {f"{name}.Y": array}
+    names = "XYZ" if name in ("normal", "position") else "RGB"
+    return {f"{name}.{key}": array[..., i] for i, key in enumerate(names)}
+
+
+def write_job(job: Job, folder: str | Path, *, half: bool = False) -> Path:
+    """Write job.json, gbuffer.exr and hdri.exr into folder; return the job.json path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    channels: dict[str, np.ndarray] = {}
+    for name, array in job.gbuffer.layers().items():
+        channels.update(_layer_channels(name, array))
+    write_exr(folder / "gbuffer.exr", channels, half=half)
+    write_exr(folder / "hdri.exr", {c: job.hdri[..., i] for i, c in enumerate("RGB")}, half=False)
+    data = {"format": FORMAT, "version": VERSION, "width": job.width, "height": job.height,
+            "gbuffer": "gbuffer.exr", "hdri": "hdri.exr", "frame": job.frame,
+            "camera": job.camera.to_dict(), "options": asdict(job.options)}
+    (folder / "job.json").write_text(json.dumps(data, indent=1))
+    return folder / "job.json"
+
+
+def result_channels(result: Result) -> dict[str, np.ndarray]:
+    channels: dict[str, np.ndarray] = {}
+    for name in ("shaded", "unshadowed", "shadow", "mask"):
+        channels.update(_layer_channels(name, getattr(result, name)))
+    return channels
+
+
+def write_result(path: str | Path, result: Result, *, half: bool = False) -> None:
+    write_exr(path, result_channels(result), half=half, meta=result.meta)
+
+
+def read_result(path: str | Path) -> Result:
+    channels, meta = read_exr(path)
+    layers = _split_layers(channels)
+    try:
+        return Result(shaded=_gather_layer("shaded", 3, layers["shaded"], str(path)),
+                      unshadowed=_gather_layer("unshadowed", 3, layers["unshadowed"], str(path)),
+                      shadow=_gather_layer("shadow", 1, layers["shadow"], str(path)),
+                      mask=_gather_layer("mask", 1, layers["mask"], str(path)), meta=meta)
+    except KeyError as missing:
+        raise JobError(f"{path}: result layer {missing} is missing") from None
+
