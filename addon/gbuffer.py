@@ -1,0 +1,322 @@
+"""Export a render job: gbuffer.exr + hdri.exr + job.json, exactly as docs/job-format.md says.
+
+How the G-buffer is made:
+- Cycles renders a temporary copy of the scene (same objects, camera and world) at a few samples,
+  with denoising, motion blur and depth of field off, no bounces (only first-hit data is needed)
+  and a pixel filter ~0 wide: every sample of a pixel then lands on its centre, so each layer holds
+  the exact value at the centre direction the contract's NDC formula names. A wider filter would
+  blend neighbouring surfaces at silhouettes (averaged normals are not unit length, averaged depths
+  are nobody's depth). The price is aliased edges and a binary mask.
+- Material layers come from shader AOVs (albedo, specular, roughness, metallic). For the render only,
+  AOV Output nodes are added to each material and fed from whatever feeds its Principled BSDF inputs
+  (link or default value); they are removed again afterwards (scene_state.preserved). Fallbacks:
+  Diffuse BSDF = base Color, roughness 1, F0 0.04 grey; Glossy BSDF = metal of its Color and
+  Roughness; Mix Shader = the two sides' parameters mixed by its Fac; Add Shader = the first side;
+  a group node = the shader inside the group feeding its output (AOVs then live in the group's tree);
+  anything else = mid grey dielectric (0.5 base, roughness 0.5, F0 0.04). Objects without any
+  material write 0 to the material layers (Cycles' AOV behaviour).
+- normal (world), depth, ao come from the view layer's passes, mask from the alpha of a transparent
+  film, position optionally from the Position pass. A compositor File Output node writes them all,
+  renamed to the contract's layers, into one multi-part float32 EXR.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import bpy
+
+from . import world
+from .scene_state import ExportCancelled, ExportError, check_cancel, preserved, temporary_copy
+
+__all__ = ["ExportError", "ExportCancelled", "export_job", "camera_matrices"]
+
+_ENGINES = {"CYCLES", "BLENDER_EEVEE", "BLENDER_WORKBENCH", "PBNDS"}
+# Parameters gathered per material: name -> (kind, value) with kind "color" or "float".
+_GREY = {"base": (0.5, 0.5, 0.5, 1.0), "metallic": 0.0, "roughness": 0.5, "level": 0.5,
+         "tint": (1.0, 1.0, 1.0, 1.0)}
+# File Output item name, socket type, Render Layers output.
+_PASS_LAYERS = (("normal", "VECTOR", "Normal"), ("depth", "FLOAT", "Depth"),
+                ("ao", "FLOAT", "Ambient Occlusion"), ("mask", "FLOAT", "Alpha"))
+_AOV_LAYERS = (("albedo", "COLOR"), ("specular", "COLOR"), ("roughness", "VALUE"), ("metallic", "VALUE"))
+
+
+def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=None, frame=None,
+               cancel_check=None, progress=None, hdri_width=512, position=True):
+    """Write ``out_dir``/{gbuffer.exr, hdri.exr, job.json} for ``scene``; return the job.json path.
+
+    ``width``/``height`` override the render size (else resolution x percentage); ``frame`` the
+    scene's current frame. ``cancel_check()`` returning True raises ExportCancelled between steps,
+    ``progress(fraction, message)`` reports them. The scene is left as it was in every case.
+    """
+    out_dir = Path(out_dir)
+
+    def step(fraction, message):
+        check_cancel(cancel_check)
+        if progress is not None:
+            progress(fraction, message)
+
+    _validate(scene)
+    render = scene.render
+    if width is None or height is None:
+        width = round(render.resolution_x * render.resolution_percentage / 100)
+        height = round(render.resolution_y * render.resolution_percentage / 100)
+    frame = scene.frame_current if frame is None else int(frame)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    step(0.0, "Preparing G-buffer")
+    with preserved(scene):
+        temp = temporary_copy(scene, "PBNDS G-buffer")
+        view_layer = _setup_render(temp, scene, width, height, samples, frame)
+        _setup_materials(temp)
+        _setup_compositor(temp, view_layer, out_dir, position)
+        matrices = camera_matrices(temp, view_layer, width, height)
+        step(0.1, "Rendering G-buffer")
+        _remove(out_dir / "gbuffer.exr")
+        bpy.ops.render.render(write_still=False, scene=temp.name)
+        if not (out_dir / "gbuffer.exr").exists():
+            raise ExportError(f"the G-buffer render of scene '{scene.name}' wrote no {out_dir / 'gbuffer.exr'}")
+        step(0.7, "Capturing the world HDRI")
+        world.capture_hdri(temp, out_dir / "hdri.exr", width=hdri_width)
+    step(0.95, "Writing job.json")
+    job = {"format": "pbnds-job", "version": 1, "width": width, "height": height,
+           "gbuffer": "gbuffer.exr", "hdri": "hdri.exr", "frame": frame, "camera": matrices}
+    if options:
+        job["options"] = dict(options)
+    path = out_dir / "job.json"
+    path.write_text(json.dumps(job))
+    if progress is not None:
+        progress(1.0, f"Job written: {path}")
+    return path
+
+
+def _validate(scene):
+    if scene.camera is None:
+        raise ExportError(f"scene '{scene.name}' has no active camera")
+    if scene.camera.type != "CAMERA":
+        raise ExportError(f"the active camera '{scene.camera.name}' of scene '{scene.name}' is not a camera")
+    if scene.world is None:
+        raise ExportError(f"scene '{scene.name}' has no world (the job needs one for the HDRI)")
+    if scene.render.engine not in _ENGINES:
+        raise ExportError(f"render engine '{scene.render.engine}' is not supported for a G-buffer export")
+    if not hasattr(scene, "cycles"):
+        raise ExportError("the Cycles add-on is not enabled; the G-buffer is rendered with Cycles")
+
+
+def camera_matrices(scene, view_layer, width, height):
+    """The job's camera block: world_to_camera and projection, row-major lists."""
+    depsgraph = view_layer.depsgraph
+    camera = scene.camera.evaluated_get(depsgraph)
+    render = scene.render
+    projection = camera.calc_matrix_camera(depsgraph, x=width, y=height, scale_x=render.pixel_aspect_x,
+                                           scale_y=render.pixel_aspect_y)
+    return {"world_to_camera": [list(row) for row in camera.matrix_world.inverted()],
+            "projection": [list(row) for row in projection]}
+
+
+def _setup_render(temp, scene, width, height, samples, frame):
+    render = temp.render
+    render.engine = "CYCLES"
+    render.resolution_x, render.resolution_y, render.resolution_percentage = width, height, 100
+    render.use_border = False
+    render.film_transparent = True
+    render.use_motion_blur = False
+    render.use_single_layer = True
+    render.use_sequencer = False
+    cycles = temp.cycles
+    cycles.samples = max(1, int(samples))
+    cycles.use_adaptive_sampling = False
+    cycles.use_denoising = False
+    cycles.filter_width = 0.01
+    cycles.max_bounces = 0
+    cycles.device = scene.cycles.device
+    if temp.camera.data.dof.use_dof:  # shared camera data: restored by preserved()
+        temp.camera.data.dof.use_dof = False
+    active = [vl for vl in temp.view_layers if vl.use] or list(temp.view_layers)
+    view_layer = active[0]
+    for vl in temp.view_layers:
+        vl.use = vl == view_layer
+    view_layer.use_pass_z = view_layer.use_pass_normal = view_layer.use_pass_position = True
+    view_layer.use_pass_ambient_occlusion = True
+    view_layer.use_motion_blur = False
+    view_layer.material_override = None
+    for name, kind in _AOV_LAYERS:
+        if name not in view_layer.aovs:
+            aov = view_layer.aovs.add()
+            aov.name = name
+        view_layer.aovs[name].type = kind
+    temp.frame_set(frame)
+    view_layer.depsgraph.update()
+    return view_layer
+
+
+# --- material AOVs -------------------------------------------------------------------------------
+
+def _input(node, name):
+    """A parameter source: ("link", socket) when linked, else ("value", default)."""
+    socket = node.inputs[name]
+    if socket.is_linked and not socket.links[0].is_muted:
+        return ("link", socket.links[0].from_socket)
+    value = socket.default_value
+    return ("value", tuple(value) if hasattr(value, "__len__") else value)
+
+
+def _const(params):
+    return {key: ("value", value) for key, value in params.items()}
+
+
+def _shader_params(tree, socket, depth=0):
+    """(tree, params) for the shader feeding ``socket``; params map to parameter sources."""
+    node = world._source(socket) if socket is not None else None
+    if node is None or depth > 16:
+        return tree, _const(_GREY)
+    kind = node.bl_idname
+    if kind == "ShaderNodeBsdfPrincipled":
+        return tree, {"base": _input(node, "Base Color"), "metallic": _input(node, "Metallic"),
+                      "roughness": _input(node, "Roughness"), "level": _input(node, "Specular IOR Level"),
+                      "tint": _input(node, "Specular Tint")}
+    if kind == "ShaderNodeBsdfDiffuse":
+        return tree, {**_const({**_GREY, "roughness": 1.0}), "base": _input(node, "Color")}
+    if kind in {"ShaderNodeBsdfGlossy", "ShaderNodeBsdfAnisotropic"}:
+        return tree, {**_const({**_GREY, "metallic": 1.0}), "base": _input(node, "Color"),
+                      "roughness": _input(node, "Roughness")}
+    if kind == "ShaderNodeAddShader":
+        return _shader_params(tree, node.inputs[0], depth + 1)
+    if kind == "ShaderNodeMixShader":
+        tree_a, a = _shader_params(tree, node.inputs[1], depth + 1)
+        tree_b, b = _shader_params(tree, node.inputs[2], depth + 1)
+        if tree_a != tree or tree_b != tree:  # sides inside node groups cannot be mixed here
+            return (tree_a, a) if tree_a != tree else (tree_b, b)
+        fac = _input(node, "Fac")
+        return tree, {key: ("mix", fac, a[key], b[key]) for key in a}
+    if kind == "ShaderNodeGroup" and node.node_tree is not None:
+        inner = node.node_tree
+        output = _active_output(inner)
+        if output is not None:
+            index = list(node.outputs).index(socket.links[0].from_socket)
+            if index < len(output.inputs):
+                return _shader_params(inner, output.inputs[index], depth + 1)
+    return tree, _const(_GREY)
+
+
+def _active_output(tree):
+    outputs = [n for n in tree.nodes if n.bl_idname == "NodeGroupOutput"]
+    return ([n for n in outputs if n.is_active_output] or outputs or [None])[0]
+
+
+class _Wiring:
+    """Adds the nodes computing the contract's material layers into one node tree."""
+
+    def __init__(self, tree):
+        self.tree = tree
+        self.x = -4000.0
+
+    def node(self, idname, **settings):
+        node = self.tree.nodes.new(idname)
+        node.location = (self.x, -4000.0)
+        self.x += 200.0
+        for key, value in settings.items():
+            setattr(node, key, value)
+        return node
+
+    def feed(self, socket, source):
+        kind = source[0]
+        if kind == "link":
+            self.tree.links.new(source[1], socket)
+        elif kind == "value":
+            value = source[1]
+            if hasattr(socket.default_value, "__len__") and not hasattr(value, "__len__"):
+                value = (value,) * len(socket.default_value)
+            elif not hasattr(socket.default_value, "__len__") and hasattr(value, "__len__"):
+                value = sum(value[:3]) / 3
+            socket.default_value = value[: len(socket.default_value)] if hasattr(value, "__len__") else value
+        else:  # ("mix", fac, a, b)
+            color = hasattr(socket.default_value, "__len__")
+            mix = self.node("ShaderNodeMix", data_type="RGBA" if color else "FLOAT")
+            inputs = [s for s in mix.inputs if s.enabled]
+            self.feed(inputs[0], source[1])
+            self.feed(inputs[1], source[2])
+            self.feed(inputs[2], source[3])
+            self.tree.links.new(mix.outputs[2 if color else 0], socket)
+
+    def color_mix(self, factor, a, b):
+        """Clamped mix(a, b, factor) as a link source."""
+        mix = self.node("ShaderNodeMix", data_type="RGBA", clamp_result=True)
+        for socket, source in zip([s for s in mix.inputs if s.enabled], (factor, a, b), strict=True):
+            self.feed(socket, source)
+        return ("link", mix.outputs[2])
+
+    def clamped(self, source):
+        math = self.node("ShaderNodeMath", operation="ADD", use_clamp=True)
+        self.feed(math.inputs[0], source)
+        math.inputs[1].default_value = 0.0
+        return ("link", math.outputs[0])
+
+    def aov(self, name, source):
+        out = self.node("ShaderNodeOutputAOV", aov_name=name)
+        self.feed(out.inputs["Color" if name in {"albedo", "specular"} else "Value"], source)
+
+    def write(self, params):
+        metallic = self.clamped(params["metallic"])
+        self.aov("albedo", self.color_mix(metallic, params["base"], ("value", (0.0, 0.0, 0.0, 1.0))))
+        # 0.08 x Specular IOR Level x Specular Tint, the dielectric F0 colour.
+        level = self.node("ShaderNodeMath", operation="MULTIPLY")
+        self.feed(level.inputs[0], params["level"])
+        level.inputs[1].default_value = 0.08
+        f0 = self.node("ShaderNodeVectorMath", operation="SCALE")
+        self.feed(f0.inputs[0], params["tint"])
+        self.tree.links.new(level.outputs[0], f0.inputs["Scale"])
+        self.aov("specular", self.color_mix(metallic, ("link", f0.outputs[0]), params["base"]))
+        self.aov("roughness", self.clamped(params["roughness"]))
+        self.aov("metallic", metallic)
+
+
+def _setup_materials(temp):
+    done = set()
+    for ob in temp.objects:
+        if ob.type not in {"MESH", "CURVE", "SURFACE", "META", "FONT", "CURVES", "POINTCLOUD", "VOLUME"}:
+            continue
+        for slot in ob.material_slots:
+            material = slot.material
+            if material is None or material.node_tree is None or material.as_pointer() in done:
+                continue
+            done.add(material.as_pointer())
+            tree = material.node_tree
+            output = tree.get_output_node("CYCLES")
+            surface = output.inputs["Surface"] if output is not None else None
+            params_tree, params = _shader_params(tree, surface)
+            if params_tree.as_pointer() in done:
+                continue
+            done.add(params_tree.as_pointer())
+            _Wiring(params_tree).write(params)
+
+
+# --- compositor ----------------------------------------------------------------------------------
+
+def _setup_compositor(temp, view_layer, out_dir, position):
+    tree = bpy.data.node_groups.new("PBNDS G-buffer Output", "CompositorNodeTree")
+    temp.compositing_node_group = tree
+    temp.render.use_compositing = True
+    layers = tree.nodes.new("CompositorNodeRLayers")
+    layers.scene = temp
+    layers.layer = view_layer.name
+    out = tree.nodes.new("CompositorNodeOutputFile")
+    out.directory = str(out_dir) + os.sep
+    out.file_name = "gbuffer"
+    fmt = out.format
+    fmt.media_type = "MULTI_LAYER_IMAGE"
+    fmt.file_format = "OPEN_EXR_MULTILAYER"
+    fmt.color_depth = "32"
+    fmt.exr_codec = "ZIP"
+    items = [(name, "RGBA", name) for name, kind in _AOV_LAYERS if kind == "COLOR"]
+    items += [(name, "FLOAT", name) for name, kind in _AOV_LAYERS if kind == "VALUE"]
+    items += list(_PASS_LAYERS) + ([("position", "VECTOR", "Position")] if position else [])
+    for name, socket_type, source in items:
+        out.file_output_items.new(socket_type, name)
+        if source not in layers.outputs:
+            raise ExportError(f"the Render Layers node has no '{source}' pass output")
+        tree.links.new(layers.outputs[source], out.inputs[name])
+
+
+def _remove(path):
+    if path.exists():
+        path.unlink()
