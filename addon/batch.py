@@ -1,0 +1,189 @@
+"""Batch rendering through the PBNDS service, for pipelines.
+
+Inside Blender:   blender -b shot.blend --python addon/batch.py -- --frames 1-10 --out DIR
+With bpy module:  python -m addon.batch shot.blend --frames 1-10 --out DIR
+
+Per frame it writes frame_NNNN.exr (linear shaded RGBA) and frame_NNNN.png (through the scene's
+view transform and look), and with --keep-jobs the job folder and the service's result EXR under
+jobs/frame_NNNN/. Frames whose EXR and PNG exist are skipped, so an interrupted run resumes.
+Exits non-zero when any frame failed.
+"""
+
+import argparse
+import importlib
+import os
+import pathlib
+import shutil
+import sys
+import tempfile
+import time
+
+if not __package__:
+    # Run as a script (`blender --python addon/batch.py`): import the package this file belongs to
+    # so the relative imports below work (PEP 366).
+    _here = pathlib.Path(__file__).resolve().parent
+    sys.path.insert(0, str(_here.parent))
+    __package__ = _here.name
+    importlib.import_module(__package__)
+
+import bpy  # noqa: E402
+
+from . import client, compositor, engine, gbuffer, properties, service_process  # noqa: E402
+
+
+def parse_frames(text):
+    """'1-3,7,10-12' -> [1, 2, 3, 7, 10, 11, 12]."""
+    frames = []
+    for part in text.split(","):
+        first, sep, last = part.strip().partition("-")
+        try:
+            lo, hi = int(first), int(last) if sep else int(first)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad frame range {part!r}: use e.g. 1-10,15") from None
+        if hi < lo:
+            raise argparse.ArgumentTypeError(f"bad frame range {part!r}: end before start")
+        frames.extend(range(lo, hi + 1))
+    return sorted(set(frames))
+
+
+def build_parser(in_blender):
+    parser = argparse.ArgumentParser(
+        prog="blender -b FILE.blend --python addon/batch.py --" if in_blender else "python -m addon.batch",
+        description="Render frames of a .blend with PBNDS neural shading: a Cycles G-buffer per frame, "
+                    "shaded by the PBNDS service. Settings default to the scene's PBNDS settings.",
+    )
+    if not in_blender:
+        parser.add_argument("blend", help=".blend file to render")
+    parser.add_argument("--frames", type=parse_frames, help="frames, e.g. 1-10,15 (default: the scene's range)")
+    parser.add_argument("--out", required=True, type=pathlib.Path, help="output folder")
+    parser.add_argument("--scene", help="scene name (default: the file's active scene)")
+    parser.add_argument("--model", help="model name (default, pbnds-paper, lambert, blinn-phong, ggx, ...)")
+    parser.add_argument("--rays", type=int, help="light rays per pixel")
+    parser.add_argument("--sampling", choices=[s[0] for s in properties.SAMPLING], help="ray sampling")
+    parser.add_argument("--no-shadows", action="store_true", help="skip the shadow estimator")
+    parser.add_argument("--samples", type=int, help="Cycles samples of the G-buffer")
+    parser.add_argument("--resolution-percentage", type=int, help="override the scene's resolution %%")
+    parser.add_argument("--keep-jobs", action="store_true", help="keep job files and result EXRs in OUT/jobs")
+    parser.add_argument("--overwrite", action="store_true", help="render frames whose outputs exist")
+    parser.add_argument("--service", default="", help="service URL (default: the discovery file)")
+    parser.add_argument("--token", default="", help="service token (default: the discovery file)")
+    parser.add_argument("--start-service", action="store_true",
+                        help="start the service when none answers (and stop it at the end)")
+    parser.add_argument("--python", default=sys.executable,
+                        help="interpreter for --start-service, with the pbnds backend installed "
+                             "(default: this one; Blender's own Python has no torch)")
+    parser.add_argument("--service-dir", help="working folder for --start-service")
+    return parser
+
+
+def apply_overrides(settings, args):
+    """Copy the command line's settings onto scene.pbnds (the file is never saved)."""
+    if args.model:
+        known = {m[0] for m in properties.MODELS}
+        settings.model = args.model if args.model in known else "CUSTOM"
+        if settings.model == "CUSTOM":
+            settings.custom_model = args.model
+    for name, value in (("rays", args.rays), ("sampling", args.sampling), ("gbuffer_samples", args.samples)):
+        if value is not None:
+            setattr(settings, name, value)
+    if args.no_shadows:
+        settings.shadows = False
+
+
+def save_outputs(scene, arrays, exr_path, png_path):
+    """Linear EXR and view-transformed PNG of the shaded layer, each written then renamed."""
+    pixels = compositor.rgba(arrays, "shaded", scene.render.film_transparent)
+    partial_exr = exr_path.with_name(f".partial-{exr_path.name}")
+    compositor.save_exr(pixels, partial_exr)
+    image = compositor.array_to_image(pixels, "PBNDS batch")
+    settings = scene.render.image_settings
+    saved = (settings.media_type, settings.file_format, settings.color_mode, settings.color_depth)
+    partial_png = png_path.with_name(f".partial-{png_path.name}")
+    try:
+        settings.media_type = "IMAGE"
+        settings.file_format = "PNG"
+        settings.color_mode = "RGBA"
+        settings.color_depth = "8"
+        image.save_render(str(partial_png), scene=scene)
+    finally:
+        bpy.data.images.remove(image)
+        settings.media_type, settings.file_format, settings.color_mode, settings.color_depth = saved
+    os.replace(partial_exr, exr_path)
+    os.replace(partial_png, png_path)
+
+
+def render_frame(svc, scene, frame, args, exr_path, png_path):
+    job_dir = args.out / "jobs" / f"frame_{frame:04d}" if args.keep_jobs else None
+    workdir = str(job_dir) if job_dir else tempfile.mkdtemp(prefix="pbnds-job-")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        job_id, job_json = engine.run_job(svc, scene, workdir, scene.pbnds, frame=frame)
+        if job_dir:
+            svc.result_exr(job_id, job_dir / "result.exr")
+        save_outputs(scene, svc.result_arrays(job_id), exr_path, png_path)
+    finally:
+        if not job_dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run(args):
+    """Render the frames; returns the process exit code."""
+    if getattr(args, "blend", None):
+        bpy.ops.wm.open_mainfile(filepath=os.path.abspath(args.blend))
+    scene = bpy.data.scenes[args.scene] if args.scene else bpy.context.scene
+    if args.resolution_percentage:
+        scene.render.resolution_percentage = args.resolution_percentage
+    apply_overrides(scene.pbnds, args)
+    frames = args.frames or list(range(scene.frame_start, scene.frame_end + 1))
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        svc = service_process.connect(args.service, args.token, auto_start=args.start_service,
+                                      python=args.python, cwd=args.service_dir)
+    except client.ServiceError as exc:
+        print(f"pbnds batch: {exc}", file=sys.stderr)
+        return 2
+    print(f"pbnds batch: scene {scene.name!r}, {len(frames)} frame(s), service {svc.url}, "
+          f"options {scene.pbnds.job_options()}, G-buffer samples {scene.pbnds.gbuffer_samples}")
+    results = []
+    try:
+        for frame in frames:
+            exr_path = args.out / f"frame_{frame:04d}.exr"
+            png_path = args.out / f"frame_{frame:04d}.png"
+            if not args.overwrite and exr_path.exists() and png_path.exists():
+                results.append((frame, "skipped", 0.0, "outputs exist"))
+                continue
+            start = time.monotonic()
+            try:
+                render_frame(svc, scene, frame, args, exr_path, png_path)
+            except (client.ServiceError, gbuffer.ExportError, OSError) as exc:
+                results.append((frame, "failed", time.monotonic() - start, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - one broken frame must not stop the others
+                results.append((frame, "failed", time.monotonic() - start, f"{type(exc).__name__}: {exc}"))
+            else:
+                results.append((frame, "done", time.monotonic() - start, str(exr_path)))
+            print(f"pbnds batch: frame {frame}: {results[-1][1]} ({results[-1][2]:.1f} s) {results[-1][3]}",
+                  flush=True)
+    finally:
+        if args.start_service:
+            service_process.stop_started()
+    counts = {s: sum(r[1] == s for r in results) for s in ("done", "skipped", "failed")}
+    print(f"pbnds batch summary: {counts['done']} done, {counts['skipped']} skipped, "
+          f"{counts['failed']} failed, {sum(r[2] for r in results):.1f} s")
+    for frame, status, _, detail in results:
+        if status == "failed":
+            print(f"  frame {frame}: {detail}", file=sys.stderr)
+    return 1 if counts["failed"] else 0
+
+
+def main(argv=None):
+    in_blender = argv is None and "--" in sys.argv  # Blender passes script arguments after `--`
+    if argv is None:
+        argv = sys.argv[sys.argv.index("--") + 1:] if in_blender else sys.argv[1:]
+    args = build_parser(in_blender).parse_args(argv)
+    if not hasattr(bpy.types.Scene, "pbnds"):
+        properties.register()
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""Client for the local PBNDS shading service (docs/service-api.md), standard library only.
+
+Blender's bundled Python has no `requests`, so HTTP goes through `http.client` and the multipart
+body is built by hand. Proxies are never consulted: the service lives on loopback.
+"""
+
+import contextlib
+import http.client
+import io
+import json
+import os
+import pathlib
+import secrets
+import time
+import urllib.parse
+
+import numpy as np
+
+START_HINT = "start it with `pbnds serve` or enable auto-start in preferences"
+
+
+class ServiceError(Exception):
+    """A failed exchange with the service; the message names the URL and the cause."""
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
+
+
+class ServiceCancelled(ServiceError):
+    """The job was cancelled (by the user here, or on the service)."""
+
+
+def service_file_path():
+    """The discovery file the service writes on start-up (PBNDS_SERVICE_FILE overrides it)."""
+    override = os.environ.get("PBNDS_SERVICE_FILE")
+    if override:
+        return pathlib.Path(override)
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return pathlib.Path(config) / "pbnds" / "service.json"
+
+
+def read_service_file(path=None):
+    """The discovery file's content as a dict, or None when there is no file."""
+    path = pathlib.Path(path) if path else service_file_path()
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ServiceError(f"PBNDS service file {path} is unreadable: {exc}") from exc
+
+
+def discover(url="", token="", timeout=30.0):
+    """A client for an explicit address/token, else for the address in the discovery file.
+
+    An explicit URL without a token takes the file's token when the file names the same URL.
+    """
+    info = read_service_file()
+    if not url:
+        if info is None:
+            raise ServiceError(
+                f"PBNDS service not found: {service_file_path()} does not exist; {START_HINT}"
+            )
+        url = info.get("url", "")
+    if not token and info and info.get("url", "").rstrip("/") == url.rstrip("/"):
+        token = info.get("token", "")
+    return ServiceClient(url, token, timeout=timeout)
+
+
+def encode_multipart(fields):
+    """Encode {name: bytes | str | (filename, bytes, content_type)} as multipart/form-data.
+
+    Returns (body, content_type header). Plain values become ordinary form fields.
+    """
+    boundary = "pbnds-" + secrets.token_hex(16)
+    out = io.BytesIO()
+    for name, value in fields.items():
+        out.write(f"--{boundary}\r\n".encode())
+        if isinstance(value, tuple):
+            filename, data, ctype = value
+            out.write(
+                f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                f"Content-Type: {ctype}\r\n\r\n".encode()
+            )
+        else:
+            data = value
+            out.write(f'Content-Disposition: form-data; name="{name}"\r\n\r\n'.encode())
+        out.write(data.encode() if isinstance(data, str) else data)
+        out.write(b"\r\n")
+    out.write(f"--{boundary}--\r\n".encode())
+    return out.getvalue(), f"multipart/form-data; boundary={boundary}"
+
+
+class ServiceClient:
+    def __init__(self, url, token="", timeout=30.0):
+        parsed = urllib.parse.urlsplit(url)
+        if parsed.scheme != "http" or not parsed.hostname:
+            raise ServiceError(f"PBNDS service URL {url!r} is not an http://host:port address")
+        self.url = url.rstrip("/")
+        self.host = parsed.hostname
+        self.port = parsed.port or 80
+        self.token = token
+        self.timeout = timeout
+
+    # -- transport ------------------------------------------------------------------------------
+
+    def request(self, method, path, body=None, content_type=None, timeout=None):
+        """Send one request; return (status, headers, body bytes) for 2xx, raise ServiceError else."""
+        headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        if body is not None:
+            headers["Content-Type"] = content_type or "application/json"
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout or self.timeout)
+        try:
+            try:
+                conn.connect()
+            except OSError as exc:
+                raise ServiceError(f"PBNDS service not reachable at {self.url}: {START_HINT} ({exc})") from exc
+            try:
+                conn.request(method, path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            except TimeoutError as exc:
+                raise ServiceError(
+                    f"PBNDS service at {self.url} did not answer {method} {path} "
+                    f"within {timeout or self.timeout:g} s"
+                ) from exc
+            except (OSError, http.client.HTTPException) as exc:
+                raise ServiceError(f"PBNDS service at {self.url} dropped {method} {path}: {exc}") from exc
+        finally:
+            conn.close()
+        if resp.status < 300:
+            return resp.status, resp.headers, data
+        detail = _detail(data)
+        if resp.status == 401:
+            raise ServiceError(
+                f"PBNDS service at {self.url} rejected the token (401: {detail}); set the token in "
+                f"the add-on preferences or check {service_file_path()}",
+                status=401,
+            )
+        raise ServiceError(f"PBNDS service: {detail} (HTTP {resp.status} on {method} {path})", resp.status)
+
+    def json(self, method, path, body=None, content_type=None, timeout=None):
+        _, _, data = self.request(method, path, body, content_type, timeout)
+        try:
+            return json.loads(data)
+        except ValueError as exc:
+            raise ServiceError(f"PBNDS service at {self.url} sent non-JSON for {method} {path}") from exc
+
+    # -- endpoints ------------------------------------------------------------------------------
+
+    def health(self, timeout=None):
+        return self.json("GET", "/v1/health", timeout=timeout)
+
+    def models(self):
+        return self.json("GET", "/v1/models")
+
+    def submit(self, job_json):
+        """Upload a job folder (given by its job.json) and return the new job's id."""
+        job_json = pathlib.Path(job_json)
+        job = json.loads(job_json.read_text())
+        root = job_json.parent
+        fields = {
+            "job": ("job.json", job_json.read_bytes(), "application/json"),
+            "gbuffer": ("gbuffer.exr", (root / job["gbuffer"]).read_bytes(), "application/octet-stream"),
+            "hdri": ("hdri.exr", (root / job["hdri"]).read_bytes(), "application/octet-stream"),
+        }
+        body, ctype = encode_multipart(fields)
+        return self.json("POST", "/v1/jobs", body, ctype)["id"]
+
+    def relight(self, job_id, hdri_path, options=None):
+        """Re-shade job `job_id`'s G-buffer (kept by the service) under a new HDRI; new job id."""
+        fields = {"hdri": ("hdri.exr", pathlib.Path(hdri_path).read_bytes(), "application/octet-stream")}
+        if options:
+            fields["options"] = json.dumps(options)
+        body, ctype = encode_multipart(fields)
+        return self.json("POST", f"/v1/jobs/{job_id}/relight", body, ctype)["id"]
+
+    def status(self, job_id):
+        return self.json("GET", f"/v1/jobs/{job_id}")
+
+    def cancel(self, job_id):
+        return self.json("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def wait(self, job_id, progress=None, cancel_check=None, interval=0.1, timeout=None):
+        """Poll until the job ends; return its final status dict.
+
+        `progress(fraction)` is called on every poll; `cancel_check()` returning true cancels the
+        job on the service and raises ServiceCancelled. `timeout` bounds the whole wait.
+        """
+        start = time.monotonic()
+        while True:
+            if cancel_check and cancel_check():
+                with contextlib.suppress(ServiceError):
+                    self.cancel(job_id)
+                raise ServiceCancelled(f"PBNDS job {job_id} cancelled")
+            st = self.status(job_id)
+            if progress:
+                progress(float(st.get("progress") or 0.0))
+            if st["status"] == "done":
+                return st
+            if st["status"] == "failed":
+                raise ServiceError(f"PBNDS job {job_id} failed on the service: {st.get('error')}")
+            if st["status"] == "cancelled":
+                raise ServiceCancelled(f"PBNDS job {job_id} was cancelled on the service")
+            if timeout is not None and time.monotonic() - start > timeout:
+                raise ServiceError(f"PBNDS job {job_id} not done after {timeout:g} s (last: {st['status']})")
+            time.sleep(interval)
+
+    def result_arrays(self, job_id):
+        """The result as float32 arrays shaded (H,W,3), unshadowed, shadow (H,W), mask; top row first."""
+        _, _, data = self.request("GET", f"/v1/jobs/{job_id}/result.npz")
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+
+    def result_exr(self, job_id, path):
+        """Download the result EXR to `path`; return the path."""
+        _, _, data = self.request("GET", f"/v1/jobs/{job_id}/result")
+        path = pathlib.Path(path)
+        path.write_bytes(data)
+        return path
+
+
+def _detail(data):
+    try:
+        detail = json.loads(data).get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    if detail is None:
+        return data[:300].decode("utf-8", "replace") or "no detail"
+    return detail if isinstance(detail, str) else json.dumps(detail)

@@ -1,0 +1,101 @@
+"""Write a PBNDS result back into Blender: result arrays -> images -> compositor nodes.
+
+For flows that render the G-buffer with Cycles outside the PBNDS engine (operators, batch). With
+the PBNDS engine itself the passes reach the Render Layers node directly and none of this is needed.
+"""
+
+import os
+
+import bpy
+import numpy as np
+
+OUTPUTS = (("shaded", "PBNDS Shaded"), ("unshadowed", "PBNDS Unshadowed"), ("shadow", "PBNDS Shadow"))
+
+
+def rgba(arrays, name, transparent=False):
+    """A result layer as (H, W, 4) float32, top row first; alpha is the mask when `transparent`."""
+    data = arrays[name]
+    if data.ndim == 2:
+        data = np.repeat(data[..., None], 3, axis=-1)
+    alpha = arrays["mask"] if transparent else np.ones(data.shape[:2], np.float32)
+    return np.concatenate([data, alpha[..., None]], axis=-1).astype(np.float32)
+
+
+def array_to_image(pixels, name):
+    """A new float Blender image holding (H, W, 4) `pixels` (top row first)."""
+    height, width = pixels.shape[:2]
+    image = bpy.data.images.new(name, width, height, alpha=True, float_buffer=True)
+    image.pixels.foreach_set(np.ascontiguousarray(pixels[::-1], np.float32).ravel())
+    return image
+
+
+def save_exr(pixels, path):
+    """Write (H, W, 4) linear `pixels` as an RGBA OpenEXR file through Blender."""
+    image = array_to_image(pixels, "PBNDS tmp")
+    try:
+        image.filepath_raw = str(path)
+        image.file_format = "OPEN_EXR"
+        image.save()
+    finally:
+        bpy.data.images.remove(image)
+
+
+def load_image(path, name):
+    """The image datablock `name` showing file `path`, reloaded when it already exists."""
+    image = bpy.data.images.get(name)
+    if image is None:
+        image = bpy.data.images.load(str(path))
+        image.name = name
+    else:
+        image.filepath = str(path)
+        image.reload()
+    return image
+
+
+def write_back(scene, arrays, directory):
+    """Save the result layers as EXRs in `directory` and make the shaded one the compositor output.
+
+    Nodes are found by name ("PBNDS Shaded", ...) and updated on later calls; the user's nodes stay
+    in the tree, only the output's input link is moved to the neural image. Returns the images.
+    """
+    os.makedirs(directory, exist_ok=True)
+    transparent = scene.render.film_transparent
+    images = {}
+    for key, name in OUTPUTS:
+        path = os.path.join(directory, f"pbnds_{key}.exr")
+        save_exr(rgba(arrays, key, transparent and key == "shaded"), path)
+        images[key] = load_image(path, name)
+    tree, target = _output_socket(scene)
+    for i, (key, name) in enumerate(OUTPUTS):
+        node = tree.nodes.get(name)
+        if node is None:
+            node = tree.nodes.new("CompositorNodeImage")
+            node.name = node.label = name
+            node.location = (target.node.location.x - 400, target.node.location.y - 300 * i)
+        node.image = images[key]
+    tree.links.new(tree.nodes[OUTPUTS[0][1]].outputs["Image"], target)
+    scene.render.use_compositing = True
+    return images
+
+
+def _output_socket(scene):
+    """The compositor tree and the socket of its final output, created when missing."""
+    if bpy.app.version >= (5, 0, 0):
+        tree = scene.compositing_node_group
+        if tree is None:
+            tree = bpy.data.node_groups.new("PBNDS Compositing", "CompositorNodeTree")
+            scene.compositing_node_group = tree
+        if not any(item.in_out == "OUTPUT" for item in tree.interface.items_tree
+                   if item.item_type == "SOCKET"):
+            tree.interface.new_socket("Image", in_out="OUTPUT", socket_type="NodeSocketColor")
+        outputs = [n for n in tree.nodes if n.bl_idname == "NodeGroupOutput"]
+        out = next((n for n in outputs if n.is_active_output), outputs[0] if outputs else None)
+        if out is None:
+            out = tree.nodes.new("NodeGroupOutput")
+        return tree, out.inputs[0]
+    scene.use_nodes = True  # Blender 4.x: the scene's own compositing tree and a Composite node
+    tree = scene.node_tree
+    out = next((n for n in tree.nodes if n.bl_idname == "CompositorNodeComposite"), None)
+    if out is None:
+        out = tree.nodes.new("CompositorNodeComposite")
+    return tree, out.inputs["Image"]

@@ -1,0 +1,139 @@
+"""The add-on inside Blender (bpy wheel), without the service: registration, named errors,
+compositor write-back, and the extension zip. Each Blender session runs in its own process."""
+
+import sys
+import zipfile
+
+import numpy as np
+import OpenEXR
+import pytest
+from addon_testlib import ROOT, run_python
+
+pytestmark = pytest.mark.blender
+
+
+def read_exr_parts(path):
+    """{'<pass>.<channel>': array} over every part of a (multi-part) EXR."""
+    out = {}
+    with OpenEXR.File(str(path), separate_channels=True) as f:
+        for part in f.parts:
+            for name, channel in part.channels.items():
+                out[name.removeprefix("ViewLayer.")] = channel.pixels
+    return out
+
+
+def test_register_unregister_twice():
+    proc = run_python("""
+        import bpy, addon
+        for _ in range(2):
+            addon.register()
+            scene = bpy.context.scene
+            scene.render.engine = "PBNDS"
+            assert scene.render.engine == "PBNDS"
+            assert scene.pbnds.job_options() == {"model": "default", "rays": 128, "sampling": "importance",
+                                                 "seed": 0, "shadows": True}
+            assert "PBNDS" in bpy.types.CYCLES_MATERIAL_PT_surface.COMPAT_ENGINES
+            addon.unregister()
+            assert not hasattr(bpy.types.Scene, "pbnds")
+            assert "PBNDS" not in bpy.types.CYCLES_MATERIAL_PT_surface.COMPAT_ENGINES
+        print("CYCLE-OK")
+    """)
+    assert "CYCLE-OK" in proc.stdout
+
+
+def test_engine_reports_unreachable_service_by_url(tiny_blend, tmp_path):
+    from addon.service_process import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    out = tmp_path / "render.exr"
+    proc = run_python("""
+        import sys, bpy, addon
+        blend, url, out = sys.argv[1:]
+        bpy.ops.wm.open_mainfile(filepath=blend)
+        addon.register()
+        scene = bpy.context.scene
+        scene.render.engine = "PBNDS"
+        scene.pbnds.service_url = url
+        scene.render.image_settings.media_type = "MULTI_LAYER_IMAGE"
+        scene.render.image_settings.file_format = "OPEN_EXR_MULTILAYER"
+        scene.render.filepath = out
+        try:
+            bpy.ops.render.render(write_still=True)
+        except RuntimeError as exc:  # the engine's ERROR report makes the operator raise in Python
+            print("RENDER-RAISED", exc)
+    """, tiny_blend, url, out)
+    assert "RENDER-RAISED" in proc.stdout
+    log = proc.stdout + proc.stderr
+    assert f"PBNDS service not reachable at {url}" in log, log
+    assert "Traceback" not in log
+    # Blender writes no file for a render that ended in an error: no black frame passes for a result
+    assert not out.exists()
+
+
+def test_compositor_write_back_is_the_final_image_and_idempotent(tiny_blend, tmp_path):
+    """Write-back twice keeps one set of PBNDS nodes and the user's nodes; a Cycles render then
+    outputs exactly the neural image (orientation included)."""
+    out = tmp_path / "composite.exr"
+    proc = run_python("""
+        import sys, bpy, numpy as np
+        from addon import compositor
+        blend, folder, out = sys.argv[1:]
+        bpy.ops.wm.open_mainfile(filepath=blend)
+        scene = bpy.context.scene
+        scene.cycles.samples = 1
+        tree = bpy.data.node_groups.new("User Comp", "CompositorNodeTree")
+        tree.nodes.new("CompositorNodeRLayers").name = "User RL"
+        scene.compositing_node_group = tree
+        h, w = 32, 32
+        ramp = np.linspace(0, 2, w * h, dtype=np.float32).reshape(h, w)
+        arrays = {"shaded": np.stack([ramp, 1 - ramp / 2, np.full_like(ramp, 0.25)], -1),
+                  "unshadowed": np.ones((h, w, 3), np.float32), "shadow": ramp / 2,
+                  "mask": np.ones((h, w), np.float32)}
+        arrays["shaded"][:4] = 5.0  # a bright band at the top
+        for _ in range(2):
+            compositor.write_back(scene, arrays, folder)
+        names = sorted(n.name for n in scene.compositing_node_group.nodes)
+        print("NODES", names)
+        assert scene.compositing_node_group == tree
+        assert names.count("PBNDS Shaded") == 1 and "User RL" in names
+        assert len([i for i in bpy.data.images if i.name.startswith("PBNDS")]) == 3
+        scene.render.image_settings.media_type = "IMAGE"
+        scene.render.image_settings.file_format = "OPEN_EXR"
+        scene.render.filepath = out
+        bpy.ops.render.render(write_still=True)
+        np.save(folder + "/expected.npy", arrays["shaded"])
+    """, tiny_blend, tmp_path, out)
+    assert "NODES" in proc.stdout
+    parts = read_exr_parts(out)
+    got = np.stack([parts["R"], parts["G"], parts["B"]], -1)
+    expected = np.load(tmp_path / "expected.npy")
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+
+
+def test_extension_zip_installs_enables_and_disables(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    import build_addon
+
+    zip_path = build_addon.build(tmp_path / "dist")
+    assert zip_path.name == "pbnds_addon-0.1.0.zip"
+    with zipfile.ZipFile(zip_path) as zf:
+        names = set(zf.namelist())
+    assert {"blender_manifest.toml", "__init__.py", "engine.py", "gbuffer.py", "batch.py"} <= names
+    env = dict(__import__("os").environ, BLENDER_USER_RESOURCES=str(tmp_path / "user"))
+    proc = run_python("""
+        import sys, bpy
+        bpy.ops.extensions.package_install_files(filepath=sys.argv[1], repo="user_default",
+                                                 enable_on_install=True)
+        module = "bl_ext.user_default.pbnds"
+        assert module in bpy.context.preferences.addons, list(bpy.context.preferences.addons.keys())
+        scene = bpy.context.scene
+        scene.render.engine = "PBNDS"
+        assert scene.render.engine == "PBNDS" and scene.pbnds.rays == 128
+        prefs = bpy.context.preferences.addons[module].preferences
+        assert prefs.bl_rna.identifier == "PBNDSPreferences" and prefs.start_timeout == 60.0
+        bpy.ops.preferences.addon_disable(module=module)
+        assert module not in bpy.context.preferences.addons
+        assert not hasattr(bpy.types.Scene, "pbnds")
+        print("INSTALL-OK")
+    """, zip_path, env=env)
+    assert "INSTALL-OK" in proc.stdout, proc.stdout + proc.stderr
