@@ -64,7 +64,8 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
     frame = scene.frame_current if frame is None else int(frame)
     out_dir.mkdir(parents=True, exist_ok=True)
     step(0.0, "Preparing G-buffer")
-    with preserved(scene):
+    with preserved(scene) as state:
+        state.reevaluate_frame = frame != scene.frame_current
         temp = temporary_copy(scene, "PBNDS G-buffer")
         view_layer = _setup_render(temp, scene, width, height, samples, frame)
         _setup_materials(temp)

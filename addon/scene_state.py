@@ -34,7 +34,8 @@ def _simple_props(struct):
     """Writable non-pointer RNA properties of ``struct`` as {identifier: value}."""
     values = {}
     for prop in struct.bl_rna.properties:
-        if prop.is_readonly or prop.type in {"POINTER", "COLLECTION"} or prop.identifier == "rna_type":
+        if (prop.is_readonly or prop.is_deprecated or prop.type in {"POINTER", "COLLECTION"}
+                or prop.identifier == "rna_type"):
             continue
         value = getattr(struct, prop.identifier)
         values[prop.identifier] = tuple(value) if getattr(prop, "is_array", False) else value
@@ -70,6 +71,7 @@ class _Snapshot:
                          "compositing_node_group": scene.compositing_node_group}
         self.aovs = {vl.name: [(a.name, a.type) for a in vl.aovs] for vl in scene.view_layers}
         self.frame = (scene.frame_current, scene.frame_subframe)
+        self.reevaluate_frame = False  # set when a copy evaluated another frame (shared animation)
 
     @staticmethod
     def _structs(scene):
@@ -85,8 +87,7 @@ class _Snapshot:
             yield from (cam, cam.dof)
         if scene.world is not None:
             yield scene.world
-        for ob in scene.objects:
-            yield ob
+        yield from scene.objects
 
     def restore(self):
         scene = self.scene
@@ -110,8 +111,8 @@ class _Snapshot:
                 vl.aovs.remove(aov)
         for struct, values in self.structs:
             _restore_props(struct, values)
-        # Animated objects are shared with any scene copy that evaluated another frame.
-        scene.frame_set(self.frame[0], subframe=self.frame[1])
+        if self.reevaluate_frame:
+            scene.frame_set(self.frame[0], subframe=self.frame[1])
 
 
 @contextlib.contextmanager
@@ -139,7 +140,7 @@ def check_cancel(cancel_check):
 # --- deep dump for tests -------------------------------------------------------------------------
 
 _SKIP = {"rna_type", "bl_rna", "users", "session_uid", "is_evaluated", "original", "is_dirty",
-         "preview", "tag", "is_runtime_data", "dimensions", "location_absolute"}
+         "preview", "tag", "is_runtime_data", "dimensions", "location_absolute", "depsgraph"}
 
 
 def _dump(struct, depth, seen):
@@ -154,7 +155,7 @@ def _dump(struct, depth, seen):
     out = {}
     for prop in struct.bl_rna.properties:
         ident = prop.identifier
-        if ident in _SKIP:
+        if ident in _SKIP or prop.is_deprecated:
             continue
         try:
             value = getattr(struct, ident)

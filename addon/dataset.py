@@ -1,0 +1,182 @@
+"""Export a training dataset from a scene: job folders plus Cycles ground truth.
+
+Layout of ``out_dir``::
+
+    dataset.json                 the index (below), rewritten after every sample
+    v000_h00/                    one sample: view 0 lit by HDRI 0
+        job.json gbuffer.exr hdri.exr   a job exactly as gbuffer.export_job writes it
+        gt_full.exr              Cycles render, linear float RGB (R, G, B), transparent film:
+                                 background 0, as the backend's result
+        gt_unshadowed.exr        the same with shadow rays off (``visible_shadow = False`` on
+                                 every object): the stage-one target of the neural shader
+
+``dataset.json``: ``{"format": "pbnds-dataset", "version": 1, "scene", "blend", "seed", "width",
+"height", "gt_samples", "gbuffer_samples", "denoise", "samples": [{"name", "view", "hdri" (file
+path, or null for the scene's own world), "rotation_z" (radians, the Mapping rotation of the HDRI
+world), "job", "gt_full", "gt_unshadowed"}]}``, paths relative to ``out_dir``.
+
+Views: with ``orbit=True`` a temporary camera (a copy of the scene camera's data) looks at the
+centre of the scene's renderable meshes from a random azimuth and an elevation of 10-60 degrees, at
+the distance that fits their bounding sphere in the field of view; flat meshes (ground planes) are
+left out of the framing when anything else is there. With ``orbit=False`` view i is the scene's
+i-th camera by name. Everything is drawn from ``seed`` (and Cycles' seed from it too), so a run is
+reproducible; a sample whose five files exist is skipped, so a run is resumable.
+The ground truth uses the G-buffer's ~0-wide pixel filter, so both see the same pixel centres.
+With ``denoise`` the denoiser bleeds a faint glow (~1e-3) into background pixels next to objects:
+mask the ground truth with the G-buffer's mask.
+"""
+
+import json
+import math
+import random
+from pathlib import Path
+
+import bpy
+from mathutils import Vector
+
+from . import gbuffer
+from .scene_state import ExportError, check_cancel, preserved, temporary_copy
+
+FILES = ("job.json", "gbuffer.exr", "hdri.exr", "gt_full.exr", "gt_unshadowed.exr")
+
+
+def bundled_hdris():
+    """The CC0 studio-light HDRIs shipped with Blender, sorted by name."""
+    folder = Path(bpy.utils.system_resource("DATAFILES", path="studiolights/world"))
+    return sorted(folder.glob("*.exr"))
+
+
+def export_dataset(scene, out_dir, *, views=4, hdris=(None,), orbit=True, gt_samples=64,
+                   gbuffer_samples=4, width=None, height=None, seed=0, denoise=True, hdri_width=512,
+                   progress=None, cancel_check=None):
+    """Write ``views`` x ``len(hdris)`` samples into ``out_dir``; return the dataset.json path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    render = scene.render
+    width = width or round(render.resolution_x * render.resolution_percentage / 100)
+    height = height or round(render.resolution_y * render.resolution_percentage / 100)
+    cameras = None if orbit else sorted((o for o in scene.objects if o.type == "CAMERA"), key=lambda o: o.name)
+    if cameras is not None:
+        if not cameras:
+            raise ExportError(f"scene '{scene.name}' has no camera and orbit views are off")
+        views = min(views, len(cameras))
+    index = {"format": "pbnds-dataset", "version": 1, "scene": scene.name, "blend": bpy.data.filepath,
+             "seed": seed, "width": width, "height": height, "gt_samples": gt_samples,
+             "gbuffer_samples": gbuffer_samples, "denoise": denoise, "samples": []}
+    total = views * len(hdris)
+    for view in range(views):
+        view_rng = random.Random(f"{seed}:view:{view}")
+        azimuth, elevation = view_rng.uniform(0, 2 * math.pi), math.radians(view_rng.uniform(10, 60))
+        for h, hdri in enumerate(hdris):
+            check_cancel(cancel_check)
+            name = f"v{view:03d}_h{h:02d}"
+            rotation = 0.0 if hdri is None else random.Random(f"{seed}:hdri:{view}:{h}").uniform(0, 2 * math.pi)
+            index["samples"].append({"name": name, "view": view, "hdri": None if hdri is None else str(hdri),
+                                     "rotation_z": rotation, "job": f"{name}/job.json",
+                                     "gt_full": f"{name}/gt_full.exr",
+                                     "gt_unshadowed": f"{name}/gt_unshadowed.exr"})
+            done = len(index["samples"]) - 1
+            if progress is not None:
+                progress(done / total, f"Sample {name} ({done + 1}/{total})")
+            folder = out_dir / name
+            if not all((folder / f).exists() for f in FILES):
+                with preserved(scene):
+                    temp = temporary_copy(scene, "PBNDS Dataset")
+                    temp.camera = (cameras[view] if cameras is not None
+                                   else _orbit_camera(temp, scene.camera, azimuth, elevation, width / height))
+                    if hdri is not None:
+                        temp.world = _hdri_world(hdri, rotation)
+                    temp.cycles.seed = seed * 1000 + done
+                    _export_sample(temp, folder, width, height, gt_samples, gbuffer_samples, denoise,
+                                   hdri_width, cancel_check)
+            (out_dir / "dataset.json").write_text(json.dumps(index, indent=1))
+    if progress is not None:
+        progress(1.0, f"Dataset written: {out_dir}")
+    return out_dir / "dataset.json"
+
+
+def _export_sample(temp, folder, width, height, gt_samples, gbuffer_samples, denoise, hdri_width,
+                   cancel_check):
+    gbuffer.export_job(temp, folder, samples=gbuffer_samples, width=width, height=height,
+                       cancel_check=cancel_check, hdri_width=hdri_width)
+    render = temp.render
+    render.engine = "CYCLES"
+    render.resolution_x, render.resolution_y, render.resolution_percentage = width, height, 100
+    render.film_transparent = True
+    render.use_compositing = False
+    render.use_sequencer = False
+    render.use_motion_blur = False
+    settings = render.image_settings
+    settings.media_type = "IMAGE"
+    settings.file_format = "OPEN_EXR"
+    settings.color_mode = "RGB"
+    settings.color_depth = "32"
+    settings.exr_codec = "ZIP"
+    cycles = temp.cycles
+    cycles.samples = gt_samples
+    cycles.use_denoising = denoise
+    cycles.filter_width = 0.01
+    for view_layer in temp.view_layers:
+        view_layer.use = view_layer == temp.view_layers[0]
+    for target, shadows in (("gt_full.exr", True), ("gt_unshadowed.exr", False)):
+        for ob in temp.objects:  # shared objects: restored by preserved()
+            ob.visible_shadow = shadows and ob.visible_shadow
+        check_cancel(cancel_check)
+        render.filepath = str(folder / target)
+        bpy.ops.render.render(write_still=True, scene=temp.name)
+
+
+def _hdri_world(path, rotation):
+    world = bpy.data.worlds.new("PBNDS Dataset World")
+    tree = world.node_tree
+    env = tree.nodes.new("ShaderNodeTexEnvironment")
+    env.image = bpy.data.images.load(str(path), check_existing=True)
+    mapping = tree.nodes.new("ShaderNodeMapping")
+    mapping.inputs["Rotation"].default_value = (0.0, 0.0, rotation)
+    coords = tree.nodes.new("ShaderNodeTexCoord")
+    tree.links.new(coords.outputs["Generated"], mapping.inputs["Vector"])
+    tree.links.new(mapping.outputs["Vector"], env.inputs["Vector"])
+    tree.links.new(env.outputs["Color"], tree.nodes["Background"].inputs["Color"])
+    return world
+
+
+def _framing(scene):
+    """Centre and radius of the bounding sphere of the renderable meshes (flat ones left out)."""
+    boxes = []
+    for ob in scene.objects:
+        if ob.type != "MESH" or ob.hide_render:
+            continue
+        corners = [ob.matrix_world @ Vector(c) for c in ob.bound_box]
+        lo = Vector([min(c[i] for c in corners) for i in range(3)])
+        hi = Vector([max(c[i] for c in corners) for i in range(3)])
+        size = hi - lo
+        boxes.append((lo, hi, min(size) < 0.01 * max(max(size), 1e-9)))
+    if not boxes:
+        raise ExportError(f"scene '{scene.name}' has no renderable mesh to orbit around")
+    solid = [b for b in boxes if not b[2]] or boxes
+    lo = Vector([min(b[0][i] for b in solid) for i in range(3)])
+    hi = Vector([max(b[1][i] for b in solid) for i in range(3)])
+    return (lo + hi) / 2, max((hi - lo).length / 2, 1e-3)
+
+
+def _orbit_camera(temp, scene_camera, azimuth, elevation, aspect):
+    centre, radius = _framing(temp)
+    if scene_camera is not None and scene_camera.type == "CAMERA":
+        data = scene_camera.data.copy()
+    else:
+        data = bpy.data.cameras.new("PBNDS Orbit")
+    data.name = "PBNDS Orbit"
+    data.type = "PERSP"
+    data.shift_x = data.shift_y = 0.0
+    # data.angle spans the larger image side (sensor fit AUTO); fit the sphere in the smaller one.
+    half_fov = math.atan(math.tan(data.angle / 2) * min(aspect, 1 / aspect))
+    distance = radius / math.sin(half_fov) * 1.05
+    data.clip_start = min(data.clip_start, distance / 100)
+    data.clip_end = max(data.clip_end, (distance + radius) * 2)
+    cam = bpy.data.objects.new("PBNDS Orbit", data)
+    direction = Vector((math.cos(elevation) * math.cos(azimuth), math.cos(elevation) * math.sin(azimuth),
+                        math.sin(elevation)))
+    cam.location = centre + direction * distance
+    cam.rotation_euler = (-direction).to_track_quat("-Z", "Y").to_euler()
+    temp.collection.objects.link(cam)
+    return cam

@@ -1,0 +1,169 @@
+"""export_job on the fixture scenes: contract layers, material values, depth, camera matrices."""
+
+import json
+import sys
+
+import bpy
+import numpy as np
+import pytest
+from conftest import FIXTURES, exr_channel_names, read_exr
+
+from addon import gbuffer
+
+sys.path.insert(0, str(FIXTURES))
+from make_fixtures import SPHERES  # noqa: E402
+
+pytestmark = pytest.mark.blender
+SIZE = 64
+CHANNELS = {"albedo.R", "albedo.G", "albedo.B", "albedo.A", "specular.R", "specular.G", "specular.B",
+            "specular.A", "roughness.V", "metallic.V", "normal.X", "normal.Y", "normal.Z", "depth.V",
+            "ao.V", "mask.V", "position.X", "position.Y", "position.Z"}
+
+
+@pytest.fixture(scope="module")
+def spheres_job(tmp_path_factory):
+    bpy.ops.wm.open_mainfile(filepath=str(FIXTURES / "spheres.blend"))
+    out = tmp_path_factory.mktemp("spheres_job")
+    path = gbuffer.export_job(bpy.context.scene, out, samples=4, width=SIZE, height=SIZE, hdri_width=64,
+                              options={"rays": 64})
+    job = json.loads(path.read_text())
+    return path, job, read_exr(out / "gbuffer.exr")
+
+
+def project(job, point):
+    """(row, col) of the pixel whose centre is nearest to the projection of a world point."""
+    view = np.array(job["camera"]["world_to_camera"])
+    proj = np.array(job["camera"]["projection"])
+    clip = proj @ view @ np.array([*point, 1.0])
+    ndc = clip[:3] / clip[3]
+    col = (ndc[0] + 1) / 2 * job["width"] - 0.5
+    row = (1 - ndc[1]) / 2 * job["height"] - 0.5
+    return int(round(row)), int(round(col))
+
+
+def pixel_ray(job, row, col):
+    """Camera-space unit direction through the centre of pixel (row, col)."""
+    ndc = np.array([(col + 0.5) / job["width"] * 2 - 1, 1 - (row + 0.5) / job["height"] * 2, 1.0, 1.0])
+    p = np.linalg.inv(np.array(job["camera"]["projection"])) @ ndc
+    d = p[:3] / p[3]
+    return d / np.linalg.norm(d)
+
+
+def test_job_json_and_layers(spheres_job):
+    path, job, layers = spheres_job
+    assert job["format"] == "pbnds-job" and job["version"] == 1
+    assert (job["width"], job["height"], job["gbuffer"], job["hdri"]) == (SIZE, SIZE, "gbuffer.exr", "hdri.exr")
+    assert job["frame"] == 1 and job["options"] == {"rays": 64}
+    assert set(exr_channel_names(path.parent / "gbuffer.exr")) == CHANNELS
+    for name, layer in layers.items():
+        assert layer.shape[:2] == (SIZE, SIZE), name
+    hdri = read_exr(path.parent / "hdri.exr")[""]
+    assert hdri.shape == (32, 64, 3) and np.isfinite(hdri).all() and hdri.min() >= 0
+    fg = layers["mask"] > 0
+    assert fg.mean() > 0.3 and set(np.unique(layers["mask"])) <= {0.0, 1.0}  # ~0-wide pixel filter
+    for name in ("albedo", "specular", "roughness", "metallic", "ao"):
+        values = layers[name][fg]
+        assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1, name
+    length = np.linalg.norm(layers["normal"][fg], axis=-1)
+    assert np.abs(length - 1).max() < 1e-2
+
+
+def test_backend_reads_the_job(spheres_job):
+    jobformat = pytest.importorskip("backend.jobformat")
+    job = jobformat.load_job(spheres_job[0])
+    assert job.gbuffer.size == (SIZE, SIZE)
+
+
+@pytest.mark.parametrize("name", list(SPHERES))
+def test_material_values_depth_and_projection(spheres_job, name):
+    _, job, layers = spheres_job
+    centre, radius, base, metallic, roughness = SPHERES[name]
+    row, col = project(job, centre)
+    assert layers["mask"][row, col] == 1
+    base = np.array(base)
+    np.testing.assert_allclose(layers["albedo"][row, col], base * (1 - metallic), atol=1e-3)
+    f0 = 0.08 * 0.5 * (1 - metallic) + base * metallic  # Specular IOR Level 0.5, white tint
+    np.testing.assert_allclose(layers["specular"][row, col], f0, atol=1e-3)
+    assert layers["roughness"][row, col] == pytest.approx(roughness, abs=1e-3)
+    assert layers["metallic"][row, col] == pytest.approx(metallic, abs=1e-3)
+    # Analytic ray-sphere hit through this pixel's centre, in camera space.
+    view = np.array(job["camera"]["world_to_camera"])
+    c = (view @ np.array([*centre, 1.0]))[:3]
+    d = pixel_ray(job, row, col)
+    b = d @ c
+    t = b - np.sqrt(b * b - (c @ c - radius * radius))
+    hit = d * t
+    assert layers["depth"][row, col] == pytest.approx(-hit[2], abs=5e-3)  # along the view axis
+    hit_world = np.linalg.inv(view) @ np.array([*hit, 1.0])
+    np.testing.assert_allclose(layers["position"][row, col], hit_world[:3], atol=5e-3)
+    np.testing.assert_allclose(layers["normal"][row, col], (hit_world[:3] - centre) / radius, atol=2e-2)
+
+
+def test_suzanne_procedural_and_sky(tmp_path, open_fixture):
+    scene = open_fixture("suzanne")
+    path = gbuffer.export_job(scene, tmp_path, samples=2, width=48, height=32, hdri_width=64)
+    layers = read_exr(tmp_path / "gbuffer.exr")
+    job = json.loads(path.read_text())
+    assert layers["albedo"].shape == (32, 48, 3) and (job["width"], job["height"]) == (48, 32)
+    row, col = project(job, bpy.data.objects["Suzanne"].location)
+    albedo = layers["albedo"][max(row - 3, 0):row + 4, col - 3:col + 4].reshape(-1, 3)
+    assert albedo.std(axis=0).max() > 0.01  # the noise texture reaches the albedo layer
+    hdri = read_exr(tmp_path / "hdri.exr")[""]
+    assert hdri[:16].mean() > hdri[16:].mean()  # the sky above the horizon is brighter
+
+
+def test_node_fallbacks(tmp_path, open_fixture):
+    """Mix Shader of Diffuse and Glossy, and a Principled BSDF inside a node group."""
+    scene = open_fixture("spheres")
+    mix_mat = bpy.data.materials.new("Mixed")
+    tree = mix_mat.node_tree
+    tree.nodes.remove(tree.nodes["Principled BSDF"])
+    diffuse = tree.nodes.new("ShaderNodeBsdfDiffuse")
+    diffuse.inputs["Color"].default_value = (0.2, 0.4, 0.6, 1)
+    glossy = tree.nodes.new("ShaderNodeBsdfGlossy")
+    glossy.inputs["Color"].default_value = (0.9, 0.8, 0.7, 1)
+    glossy.inputs["Roughness"].default_value = 0.3
+    mix = tree.nodes.new("ShaderNodeMixShader")
+    mix.inputs["Fac"].default_value = 0.25
+    tree.links.new(diffuse.outputs[0], mix.inputs[1])
+    tree.links.new(glossy.outputs[0], mix.inputs[2])
+    tree.links.new(mix.outputs[0], tree.nodes["Material Output"].inputs["Surface"])
+    bpy.data.objects["RedRough"].material_slots[0].material = mix_mat
+
+    group = bpy.data.node_groups.new("Shader Group", "ShaderNodeTree")
+    group.interface.new_socket("Shader", in_out="OUTPUT", socket_type="NodeSocketShader")
+    inner = group.nodes.new("ShaderNodeBsdfPrincipled")
+    inner.inputs["Base Color"].default_value = (0.1, 0.7, 0.2, 1)
+    inner.inputs["Roughness"].default_value = 0.33
+    group.links.new(inner.outputs[0], group.nodes.new("NodeGroupOutput").inputs[0])
+    group_mat = bpy.data.materials.new("Grouped")
+    node = group_mat.node_tree.nodes.new("ShaderNodeGroup")
+    node.node_tree = group
+    group_mat.node_tree.links.new(node.outputs[0], group_mat.node_tree.nodes["Material Output"].inputs["Surface"])
+    bpy.data.objects["BlueGlossy"].material_slots[0].material = group_mat
+
+    path = gbuffer.export_job(scene, tmp_path, samples=1, width=SIZE, height=SIZE, hdri_width=16)
+    job = json.loads(path.read_text())
+    layers = read_exr(tmp_path / "gbuffer.exr")
+    r, c = project(job, SPHERES["RedRough"][0])
+    base = 0.75 * np.array([0.2, 0.4, 0.6]) + 0.25 * np.array([0.9, 0.8, 0.7])
+    metallic = 0.25
+    np.testing.assert_allclose(layers["albedo"][r, c], base * (1 - metallic), atol=1e-3)
+    np.testing.assert_allclose(layers["specular"][r, c], 0.04 * (1 - metallic) + base * metallic, atol=1e-3)
+    assert layers["roughness"][r, c] == pytest.approx(0.75 * 1.0 + 0.25 * 0.3, abs=1e-3)
+    r, c = project(job, SPHERES["BlueGlossy"][0])
+    np.testing.assert_allclose(layers["albedo"][r, c], [0.1, 0.7, 0.2], atol=1e-3)
+    assert layers["roughness"][r, c] == pytest.approx(0.33, abs=1e-3)
+    assert len(group.nodes) == 2 and len(mix_mat.node_tree.nodes) == 4  # AOV wiring removed
+
+
+def test_errors_name_the_cause(tmp_path, open_fixture):
+    scene = open_fixture("spheres")
+    world = scene.world
+    scene.world = None
+    with pytest.raises(gbuffer.ExportError, match="no world"):
+        gbuffer.export_job(scene, tmp_path, width=8, height=8)
+    scene.world = world
+    scene.camera = None
+    with pytest.raises(gbuffer.ExportError, match="no active camera"):
+        gbuffer.export_job(scene, tmp_path, width=8, height=8)
