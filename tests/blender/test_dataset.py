@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import dump_diff, read_exr
+from blender_helpers import dump_diff, read_exr
 
 from addon import dataset, scene_state
 

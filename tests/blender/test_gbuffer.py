@@ -6,7 +6,7 @@ import sys
 import bpy
 import numpy as np
 import pytest
-from conftest import FIXTURES, exr_channel_names, read_exr
+from blender_helpers import FIXTURES, exr_channel_names, read_exr
 
 from addon import gbuffer
 

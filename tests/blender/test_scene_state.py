@@ -2,7 +2,7 @@
 
 import bpy
 import pytest
-from conftest import dump_diff
+from blender_helpers import dump_diff
 
 from addon import dataset, gbuffer, scene_state
 

@@ -4,8 +4,9 @@ import math
 
 import bpy
 import numpy as np
+import OpenEXR
 import pytest
-from conftest import OpenEXR, read_exr
+from blender_helpers import read_exr
 
 from addon import dataset, world
 
