@@ -50,11 +50,9 @@ def export_dataset(scene, out_dir, *, views=4, hdris=(None,), orbit=True, gt_sam
                    gbuffer_samples=4, width=None, height=None, seed=0, denoise=True, hdri_width=512,
                    progress=None, cancel_check=None):
     """Write ``views`` x ``len(hdris)`` samples into ``out_dir``; return the dataset.json path."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    render = scene.render
-    width = width or round(render.resolution_x * render.resolution_percentage / 100)
-    height = height or round(render.resolution_y * render.resolution_percentage / 100)
+    width, height = gbuffer.render_size(scene, width, height)
     cameras = None if orbit else sorted((o for o in scene.objects if o.type == "CAMERA"), key=lambda o: o.name)
     if cameras is not None:
         if not cameras:

@@ -8,7 +8,7 @@ How the G-buffer is made:
   blend neighbouring surfaces at silhouettes (averaged normals are not unit length, averaged depths
   are nobody's depth). The price is aliased edges and a binary mask.
 - Material layers come from shader AOVs (albedo, specular, roughness, metallic). For the render only,
-  AOV Output nodes are added to each material and fed from whatever feeds its Principled BSDF inputs
+  AOV Output nodes are added to every material and fed from whatever feeds its Principled BSDF inputs
   (link or default value); they are removed again afterwards (scene_state.preserved). Fallbacks:
   Diffuse BSDF = base Color, roughness 1, F0 0.04 grey; Glossy BSDF = metal of its Color and
   Roughness; Mix Shader = the two sides' parameters mixed by its Fac; Add Shader = the first side;
@@ -49,7 +49,7 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
     scene's current frame. ``cancel_check()`` returning True raises ExportCancelled between steps,
     ``progress(fraction, message)`` reports them. The scene is left as it was in every case.
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
 
     def step(fraction, message):
         check_cancel(cancel_check)
@@ -57,10 +57,7 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
             progress(fraction, message)
 
     _validate(scene)
-    render = scene.render
-    if width is None or height is None:
-        width = round(render.resolution_x * render.resolution_percentage / 100)
-        height = round(render.resolution_y * render.resolution_percentage / 100)
+    width, height = render_size(scene, width, height)
     frame = scene.frame_current if frame is None else int(frame)
     out_dir.mkdir(parents=True, exist_ok=True)
     step(0.0, "Preparing G-buffer")
@@ -68,7 +65,7 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
         state.reevaluate_frame = frame != scene.frame_current
         temp = temporary_copy(scene, "PBNDS G-buffer")
         view_layer = _setup_render(temp, scene, width, height, samples, frame)
-        _setup_materials(temp)
+        _setup_materials()
         _setup_compositor(temp, view_layer, out_dir, position)
         matrices = camera_matrices(temp, view_layer, width, height)
         step(0.1, "Rendering G-buffer")
@@ -88,6 +85,20 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
     if progress is not None:
         progress(1.0, f"Job written: {path}")
     return path
+
+
+def render_size(scene, width=None, height=None):
+    """The scene's render size (resolution x percentage); one given side keeps its aspect."""
+    render = scene.render
+    base_w = max(1, round(render.resolution_x * render.resolution_percentage / 100))
+    base_h = max(1, round(render.resolution_y * render.resolution_percentage / 100))
+    if width is None and height is None:
+        return base_w, base_h
+    if height is None:
+        return int(width), max(1, round(width * base_h / base_w))
+    if width is None:
+        return max(1, round(height * base_w / base_h)), int(height)
+    return int(width), int(height)
 
 
 def _validate(scene):
@@ -155,8 +166,9 @@ def _setup_render(temp, scene, width, height, samples, frame):
 def _input(node, name):
     """A parameter source: ("link", socket) when linked, else ("value", default)."""
     socket = node.inputs[name]
-    if socket.is_linked and not socket.links[0].is_muted:
-        return ("link", socket.links[0].from_socket)
+    linked = world.source_socket(socket)
+    if linked is not None:
+        return ("link", linked)
     value = socket.default_value
     return ("value", tuple(value) if hasattr(value, "__len__") else value)
 
@@ -167,9 +179,10 @@ def _const(params):
 
 def _shader_params(tree, socket, depth=0):
     """(tree, params) for the shader feeding ``socket``; params map to parameter sources."""
-    node = world._source(socket) if socket is not None else None
-    if node is None or depth > 16:
+    linked = world.source_socket(socket) if socket is not None else None
+    if linked is None or depth > 16:
         return tree, _const(_GREY)
+    node = linked.node
     kind = node.bl_idname
     if kind == "ShaderNodeBsdfPrincipled":
         return tree, {"base": _input(node, "Base Color"), "metallic": _input(node, "Metallic"),
@@ -193,7 +206,7 @@ def _shader_params(tree, socket, depth=0):
         inner = node.node_tree
         output = _active_output(inner)
         if output is not None:
-            index = list(node.outputs).index(socket.links[0].from_socket)
+            index = list(node.outputs).index(linked)
             if index < len(output.inputs):
                 return _shader_params(inner, output.inputs[index], depth + 1)
     return tree, _const(_GREY)
@@ -271,22 +284,16 @@ class _Wiring:
         self.aov("metallic", metallic)
 
 
-def _setup_materials(temp):
+def _setup_materials():
+    """AOV wiring in every material, so instanced and geometry-nodes materials are covered too."""
     done = set()
-    for ob in temp.objects:
-        if ob.type not in {"MESH", "CURVE", "SURFACE", "META", "FONT", "CURVES", "POINTCLOUD", "VOLUME"}:
+    for material in bpy.data.materials:
+        tree = material.node_tree
+        if tree is None:
             continue
-        for slot in ob.material_slots:
-            material = slot.material
-            if material is None or material.node_tree is None or material.as_pointer() in done:
-                continue
-            done.add(material.as_pointer())
-            tree = material.node_tree
-            output = tree.get_output_node("CYCLES")
-            surface = output.inputs["Surface"] if output is not None else None
-            params_tree, params = _shader_params(tree, surface)
-            if params_tree.as_pointer() in done:
-                continue
+        output = tree.get_output_node("CYCLES")
+        params_tree, params = _shader_params(tree, output.inputs["Surface"] if output else None)
+        if params_tree.as_pointer() not in done:  # a node group shared by several materials
             done.add(params_tree.as_pointer())
             _Wiring(params_tree).write(params)
 

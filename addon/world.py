@@ -28,7 +28,7 @@ def capture_hdri(scene, path, width=512, samples=16, fast=True):
 
     ``fast=False`` forces the render path. Returns the path written.
     """
-    path = Path(path)
+    path = Path(path).resolve()
     world = scene.world
     if world is None:
         raise ExportError(f"scene '{scene.name}' has no world to capture as the HDRI")
@@ -48,17 +48,22 @@ def _active_output(tree, idname):
     return (active or outputs or [None])[0]
 
 
-def _source(socket):
-    """The node linked into ``socket`` (through reroutes), or None."""
+def source_socket(socket):
+    """The output socket linked into ``socket`` (through reroutes), or None (a muted link is none)."""
     while socket.is_linked:
         link = socket.links[0]
         if link.is_muted:
             return None
-        node = link.from_node
-        if node.bl_idname != "NodeReroute":
-            return node
-        socket = node.inputs[0]
+        if link.from_node.bl_idname != "NodeReroute":
+            return link.from_socket
+        socket = link.from_node.inputs[0]
     return None
+
+
+def _source(socket):
+    """The node linked into ``socket`` (through reroutes), or None."""
+    linked = source_socket(socket)
+    return linked.node if linked is not None else None
 
 
 def fast_lookup(world, width):
@@ -95,9 +100,8 @@ def _mapping_z_rotation(mapping):
     if mapping.bl_idname != "ShaderNodeMapping" or mapping.vector_type not in {"POINT", "TEXTURE"}:
         return None
     # An unlinked Mapping input is the constant (0, 0, 0), not the view direction.
-    coords = _source(mapping.inputs["Vector"])
-    if coords is None or coords.bl_idname != "ShaderNodeTexCoord" \
-            or mapping.inputs["Vector"].links[0].from_socket.name != "Generated":
+    coords = source_socket(mapping.inputs["Vector"])
+    if coords is None or coords.node.bl_idname != "ShaderNodeTexCoord" or coords.name != "Generated":
         return None
     inputs = mapping.inputs
     if any(inputs[name].is_linked for name in ("Location", "Rotation", "Scale")):

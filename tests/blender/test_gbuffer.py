@@ -167,3 +167,12 @@ def test_errors_name_the_cause(tmp_path, open_fixture):
     scene.camera = None
     with pytest.raises(gbuffer.ExportError, match="no active camera"):
         gbuffer.export_job(scene, tmp_path, width=8, height=8)
+
+
+def test_render_size(open_fixture):
+    scene = open_fixture("spheres")
+    scene.render.resolution_x, scene.render.resolution_y, scene.render.resolution_percentage = 400, 200, 50
+    assert gbuffer.render_size(scene) == (200, 100)
+    assert gbuffer.render_size(scene, width=64) == (64, 32)
+    assert gbuffer.render_size(scene, height=64) == (128, 64)
+    assert gbuffer.render_size(scene, 10, 20) == (10, 20)

@@ -82,3 +82,10 @@ def test_plain_colour_and_missing_world(tmp_path):
     scene.world = None
     with pytest.raises(world.ExportError, match="no world"):
         world.capture_hdri(scene, tmp_path / "none.exr")
+
+
+def test_fixture_world_takes_the_fast_path(open_fixture):
+    """The packed half-float HDRI behind a Mapping node of spheres.blend is resampled, not rendered."""
+    scene = open_fixture("spheres")
+    assert world.fast_lookup(scene.world, 16).shape == (8, 16, 3)
+    assert world.fast_lookup(open_fixture("suzanne").world, 16) is None  # a Sky Texture
