@@ -69,7 +69,8 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
         _setup_compositor(temp, view_layer, out_dir, position)
         matrices = camera_matrices(temp, view_layer, width, height)
         step(0.1, "Rendering G-buffer")
-        _remove(out_dir / "gbuffer.exr")
+        for stale in ("job.json", "gbuffer.exr"):  # never leave a job mixing two exports
+            _remove(out_dir / stale)
         bpy.ops.render.render(write_still=False, scene=temp.name)
         if not (out_dir / "gbuffer.exr").exists():
             raise ExportError(f"the G-buffer render of scene '{scene.name}' wrote no {out_dir / 'gbuffer.exr'}")
@@ -150,6 +151,7 @@ def _setup_render(temp, scene, width, height, samples, frame):
     view_layer.use_pass_z = view_layer.use_pass_normal = view_layer.use_pass_position = True
     view_layer.use_pass_ambient_occlusion = True
     view_layer.use_motion_blur = False
+    view_layer.samples = 0  # no per-layer sample override
     view_layer.material_override = None
     for name, kind in _AOV_LAYERS:
         if name not in view_layer.aovs:
