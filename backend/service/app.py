@@ -1,0 +1,171 @@
+"""The HTTP API of docs/service-api.md on top of a JobManager.
+
+Endpoints that parse uploads or encode results are plain `def`s, so FastAPI runs them in its
+thread pool and the event loop keeps answering status polls meanwhile.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+from fastapi import FastAPI, File, Form, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from .. import __version__
+from ..jobformat import JobError, Options, Result, hdri_from_bytes, job_from_bytes, write_result
+from ..models import available_models
+from .jobs import DONE, GBufferGone, JobManager, QueueFull, UnknownJob
+from .security import Guard
+
+API_VERSION = 1
+RESULT_ARRAYS = ("shaded", "unshadowed", "shadow", "mask")
+
+
+class NotReady(Exception):
+    """The result of a job that is not done."""
+
+
+def _error(status: int, detail: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+
+
+def _validation_message(error: RequestValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = [str(part) for part in item.get("loc", ()) if part != "body"]
+        name = f"form field '{'.'.join(where)}'" if where else "request body"
+        parts.append(f"{name} is missing" if item.get("type") == "missing" else f"{name}: {item.get('msg')}")
+    return "; ".join(parts) or "malformed request"
+
+
+def encode_exr(result: Result) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="pbnds-result-") as folder:
+        path = Path(folder) / "result.exr"
+        write_result(path, result)
+        return path.read_bytes()
+
+
+def encode_npz(result: Result) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **{name: np.ascontiguousarray(getattr(result, name), np.float32) for name in RESULT_ARRAYS})
+    return buffer.getvalue()
+
+
+def create_app(manager: JobManager, *, token: str, max_body: int, allow_remote: bool = False) -> FastAPI:
+    renderer = manager.renderer
+    default_model = renderer.defaults.model
+    offered = sorted({m["name"] for m in available_models()} | {default_model})
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        manager.start()
+        yield
+        await run_in_threadpool(manager.stop)
+
+    app = FastAPI(title="PBNDS shading service", version=__version__, lifespan=lifespan)
+    app.add_middleware(Guard, token=token, max_body=max_body, allow_remote=allow_remote)
+
+    @app.exception_handler(JobError)
+    async def bad_job(_request: Request, error: JobError) -> JSONResponse:
+        return _error(400, str(error))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(_request: Request, error: RequestValidationError) -> JSONResponse:
+        return _error(400, _validation_message(error))
+
+    @app.exception_handler(UnknownJob)
+    async def unknown_job(_request: Request, error: UnknownJob) -> JSONResponse:
+        return _error(404, str(error))
+
+    @app.exception_handler(GBufferGone)
+    async def gbuffer_gone(_request: Request, error: GBufferGone) -> JSONResponse:
+        return _error(409, str(error))
+
+    @app.exception_handler(NotReady)
+    async def not_ready(_request: Request, error: NotReady) -> JSONResponse:
+        return _error(409, str(error))
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_request: Request, error: QueueFull) -> JSONResponse:
+        return _error(503, str(error), {"Retry-After": str(error.retry_after)})
+
+    def check_model(options: Options) -> None:
+        if options.model not in offered:
+            raise JobError(f"option 'model': this service offers {offered}, not {options.model!r}")
+
+    def finished_result(job_id: str) -> Result:
+        record = manager.get(job_id)
+        if record.status != DONE:
+            raise NotReady(f"job {job_id!r} is {record.status}" + (f": {record.error}" if record.error else "")
+                           + ("" if record.status in ("failed", "cancelled") else "; poll GET /v1/jobs/{id}"))
+        return record.result
+
+    @app.get("/v1/health")
+    def health() -> dict:
+        queued, running = manager.counts()
+        return {"status": "ok", "version": __version__, "api": API_VERSION, "device": str(renderer.device),
+                "model": default_model, "queue_length": queued, "running": running}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"models": available_models(), "default": default_model}
+
+    @app.post("/v1/jobs", status_code=202)
+    def submit(job: bytes = File(description="job.json"), gbuffer: bytes = File(description="gbuffer.exr"),
+               hdri: bytes = File(description="hdri.exr")) -> dict:
+        started = time.perf_counter()
+        parsed = job_from_bytes(job, gbuffer, hdri, renderer.defaults)
+        check_model(parsed.options)
+        record = manager.submit(parsed, decode_ms=(time.perf_counter() - started) * 1e3)
+        return {"id": record.id, "status": record.status}
+
+    @app.get("/v1/jobs/{job_id}")
+    def status(job_id: str) -> dict:
+        return manager.get(job_id).describe()
+
+    def download(job_id: str, encode) -> Response:
+        result = finished_result(job_id)
+        started = time.perf_counter()
+        data = encode(result)
+        timing = f"encode;dur={(time.perf_counter() - started) * 1e3:.1f}"
+        return Response(data, media_type="application/octet-stream", headers={"Server-Timing": timing})
+
+    @app.get("/v1/jobs/{job_id}/result", response_class=Response)
+    def result_exr(job_id: str) -> Response:
+        return download(job_id, encode_exr)
+
+    @app.get("/v1/jobs/{job_id}/result.npz", response_class=Response)
+    def result_npz(job_id: str) -> Response:
+        return download(job_id, encode_npz)
+
+    @app.post("/v1/jobs/{job_id}/cancel")
+    def cancel(job_id: str) -> dict:
+        record = manager.cancel(job_id)
+        return {"id": record.id, "status": record.status}
+
+    @app.post("/v1/jobs/{job_id}/relight", status_code=202)
+    def relight(job_id: str, hdri: bytes = File(description="hdri.exr"),
+                options: str | None = Form(None, description="JSON object of options to change")) -> dict:
+        started = time.perf_counter()
+        source = manager.get(job_id)
+        try:
+            changes = json.loads(options) if options else {}
+        except json.JSONDecodeError as error:
+            raise JobError(f"relight options are not valid JSON: {error}") from None
+        if not isinstance(changes, dict):
+            raise JobError("relight options must be a JSON object")
+        new_options = Options.from_dict(changes, source.options)
+        check_model(new_options)
+        lighting = hdri_from_bytes(hdri)
+        record = manager.relight(source, lighting, new_options, decode_ms=(time.perf_counter() - started) * 1e3)
+        return {"id": record.id, "status": record.status}
+
+    return app

@@ -1,0 +1,36 @@
+"""`pbnds serve` and `pbnds bench-service`, registered by backend/cli.py through add_parser()."""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_PORT = 8765
+
+
+def add_parser(commands) -> None:
+    serve = commands.add_parser("serve", help="run the local shading service (docs/service.md)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; others need "
+                       "--allow-remote)")
+    serve.add_argument("--port", type=int, default=DEFAULT_PORT,
+                       help=f"port (default {DEFAULT_PORT}; 0 picks a free one)")
+    serve.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    serve.add_argument("--model", default="default", help="model for jobs that name none; loaded at start-up")
+    serve.add_argument("--allow-remote", action="store_true", help="allow a non-loopback bind address and any "
+                       "Host header (the token is still required; traffic is not encrypted)")
+    serve.add_argument("--queue-size", type=int, default=8, help="queued jobs before 503 (default 8)")
+    serve.add_argument("--max-upload-mb", type=float, default=1024, help="largest request body (default 1024)")
+    serve.add_argument("--keep-jobs", type=int, default=32, help="finished jobs (and results) kept (default 32)")
+    serve.add_argument("--keep-minutes", type=float, default=60, help="how long finished jobs are kept (default 60)")
+    serve.add_argument("--keep-gbuffers", type=int, default=4, help="prepared G-buffers kept for relighting "
+                       "(default 4)")
+    serve.set_defaults(handler=cmd_serve)
+
+    from .bench import add_parser as add_bench_parser
+
+    add_bench_parser(commands)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    return serve(args)
