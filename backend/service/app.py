@@ -156,6 +156,7 @@ def create_app(manager: JobManager, *, token: str, max_body: int, allow_remote: 
                 options: str | None = Form(None, description="JSON object of options to change")) -> dict:
         started = time.perf_counter()
         source = manager.get(job_id)
+        manager.require_gbuffer(source)
         try:
             changes = json.loads(options) if options else {}
         except json.JSONDecodeError as error:

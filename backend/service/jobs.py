@@ -93,16 +93,21 @@ class JobManager:
         self._enqueue(record)
         return record
 
-    def relight(self, source: ServiceJob, hdri: np.ndarray, options: Options, decode_ms: float) -> ServiceJob:
-        """Queue a job that shades the G-buffer of `source` (kept, or still to be prepared) under `hdri`."""
+    def require_gbuffer(self, source: ServiceJob) -> None:
+        """Raise GBufferGone unless the G-buffer of `source` is kept or still to be prepared."""
         with self._cond:
             key = source.gbuffer_key
             pending = any(j.id == key for j in self._pending) or (self._running is not None and self._running.id == key)
             if key not in self._prepared and not pending:
                 raise GBufferGone(f"the G-buffer of job {source.id!r} is no longer kept (the service keeps the "
-                                  f"last {self.keep_gbuffers}, none of failed or cancelled jobs); submit the job again")
-        record = ServiceJob(uuid.uuid4().hex, options, hdri, key, timings={"decode_ms": decode_ms})
-        self._enqueue(record)
+                                  f"last {self.keep_gbuffers} prepared G-buffers); submit the job again")
+
+    def relight(self, source: ServiceJob, hdri: np.ndarray, options: Options, decode_ms: float) -> ServiceJob:
+        """Queue a job that shades the G-buffer of `source` under `hdri`."""
+        with self._cond:
+            self.require_gbuffer(source)
+            record = ServiceJob(uuid.uuid4().hex, options, hdri, source.gbuffer_key, timings={"decode_ms": decode_ms})
+            self._enqueue(record)
         return record
 
     def get(self, job_id: str) -> ServiceJob:
