@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+ANALYSIS = "<!-- written by hand below this line; bench-service keeps it -->"
 
 
 def add_parser(commands) -> None:
@@ -93,6 +94,7 @@ def start_service(folder: Path, args: argparse.Namespace) -> tuple[subprocess.Po
 
 def measure(connection: Connection, files: dict[str, bytes]) -> dict:
     body, content_type = multipart(files)
+    connection.http.close()  # reconnect: the service drops connections idle for 5 s (uvicorn's keep-alive)
     _, _, reply, submit_s = connection.call("POST", "/v1/jobs", body, content_type)
     job_id = json.loads(reply)["id"]
     while (status := connection.json("GET", f"/v1/jobs/{job_id}"))["status"] in ("queued", "running"):
@@ -138,12 +140,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         finally:
             process.terminate()
             process.wait(30)
-    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    machine = {"cpu": cpu_name(), "cores": os.cpu_count(),
                "python": platform.python_version(), "torch": torch.__version__, "pbnds": __version__,
                "device": health["device"], "model": health["model"]}
-    args.output.write_text(report(rows, machine))
+    kept = args.output.read_text().partition(ANALYSIS)[2] if args.output.exists() else ""
+    args.output.write_text(report(rows, machine) + (f"\n{ANALYSIS}{kept}" if kept else ""))
     print(f"wrote {args.output}")
     return 0
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def report(rows: list[dict], machine: dict) -> str:

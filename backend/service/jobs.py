@@ -204,7 +204,7 @@ class JobManager:
             result = self.renderer.shade(prepared, record.hdri, record.options, progress=progress,
                                          cancel=record.cancel.is_set, timings=record.timings)
         except Cancelled:
-            return CANCELLED, "cancelled by request"
+            return CANCELLED, "the service shut down" if self._stopping else "cancelled by request"
         except torch.OutOfMemoryError:
             with self._cond:
                 self._prepared.pop(record.gbuffer_key, None)
