@@ -93,23 +93,10 @@ def apply_overrides(settings, args):
 def save_outputs(scene, arrays, exr_path, png_path):
     """Linear EXR and view-transformed PNG of the shaded layer, each written then renamed."""
     pixels = compositor.rgba(arrays, "shaded", scene.render.film_transparent)
-    partial_exr = exr_path.with_name(f".partial-{exr_path.name}")
-    compositor.save_exr(pixels, partial_exr)
-    image = compositor.array_to_image(pixels, "PBNDS batch")
-    settings = scene.render.image_settings
-    saved = (settings.media_type, settings.file_format, settings.color_mode, settings.color_depth)
-    partial_png = png_path.with_name(f".partial-{png_path.name}")
-    try:
-        settings.media_type = "IMAGE"
-        settings.file_format = "PNG"
-        settings.color_mode = "RGBA"
-        settings.color_depth = "8"
-        image.save_render(str(partial_png), scene=scene)
-    finally:
-        bpy.data.images.remove(image)
-        settings.media_type, settings.file_format, settings.color_mode, settings.color_depth = saved
-    os.replace(partial_exr, exr_path)
-    os.replace(partial_png, png_path)
+    for path, file_format in ((exr_path, "OPEN_EXR"), (png_path, "PNG")):
+        partial = path.with_name(f".partial-{path.name}")
+        compositor.save_image(pixels, partial, scene, file_format)
+        os.replace(partial, path)
 
 
 def render_frame(svc, scene, frame, args, exr_path, png_path):
@@ -117,6 +104,7 @@ def render_frame(svc, scene, frame, args, exr_path, png_path):
     workdir = str(job_dir) if job_dir else tempfile.mkdtemp(prefix="pbnds-job-")
     try:
         os.makedirs(workdir, exist_ok=True)
+        scene.frame_set(frame)  # evaluate the animation here, as Blender's own animation render does
         job_id, job_json = engine.run_job(svc, scene, workdir, scene.pbnds, frame=frame)
         if job_dir:
             svc.result_exr(job_id, job_dir / "result.exr")

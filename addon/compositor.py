@@ -29,15 +29,26 @@ def array_to_image(pixels, name):
     return image
 
 
-def save_exr(pixels, path):
-    """Write (H, W, 4) linear `pixels` as an RGBA OpenEXR file through Blender."""
+def save_image(pixels, path, scene, file_format="OPEN_EXR"):
+    """Write (H, W, 4) linear `pixels` through Blender's render output path.
+
+    `Image.save_render` with the scene applies its view transform and look to display formats
+    (PNG) and keeps float formats (EXR) linear; a plain `Image.save` of a generated float image
+    writes sRGB-encoded values even to EXR (measured with bpy 5.0.1). The scene's output settings
+    are changed for the call and restored.
+    """
     image = array_to_image(pixels, "PBNDS tmp")
+    settings = scene.render.image_settings
+    saved = (settings.media_type, settings.file_format, settings.color_mode, settings.color_depth)
     try:
-        image.filepath_raw = str(path)
-        image.file_format = "OPEN_EXR"
-        image.save()
+        settings.media_type = "IMAGE"
+        settings.file_format = file_format
+        settings.color_mode = "RGBA"
+        settings.color_depth = "32" if file_format == "OPEN_EXR" else "8"
+        image.save_render(str(path), scene=scene)
     finally:
         bpy.data.images.remove(image)
+        settings.media_type, settings.file_format, settings.color_mode, settings.color_depth = saved
 
 
 def load_image(path, name):
@@ -63,7 +74,7 @@ def write_back(scene, arrays, directory):
     images = {}
     for key, name in OUTPUTS:
         path = os.path.join(directory, f"pbnds_{key}.exr")
-        save_exr(rgba(arrays, key, transparent and key == "shaded"), path)
+        save_image(rgba(arrays, key, transparent and key == "shaded"), path, scene)
         images[key] = load_image(path, name)
     tree, target = _output_socket(scene)
     for i, (key, name) in enumerate(OUTPUTS):

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import textwrap
 
+import OpenEXR
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
@@ -37,7 +39,7 @@ world = bpy.data.worlds.new("World")
 world.use_nodes = True
 env = world.node_tree.nodes.new("ShaderNodeTexEnvironment")
 env.image = bpy.data.images.load(
-    bpy.utils.system_resource("DATAFILES", path="studiolights/world") + "/forest.exr")
+    bpy.utils.system_resource("DATAFILES", path="studiolights/world") + "/city.exr")
 world.node_tree.links.new(env.outputs["Color"], world.node_tree.nodes["Background"].inputs["Color"])
 scene.world = world
 bpy.ops.wm.save_as_mainfile(filepath=sys.argv[-1])
@@ -58,3 +60,13 @@ def has_module(name):
         return importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:
         return False
+
+
+def read_exr_parts(path):
+    """{'<pass>.<channel>': array} over every part of a (multi-part) EXR, view layer prefix dropped."""
+    out = {}
+    with OpenEXR.File(str(path), separate_channels=True) as f:
+        for part in f.parts:
+            for name, channel in part.channels.items():
+                out[name.removeprefix("ViewLayer.")] = channel.pixels
+    return out

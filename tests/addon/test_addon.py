@@ -5,21 +5,10 @@ import sys
 import zipfile
 
 import numpy as np
-import OpenEXR
 import pytest
-from addon_testlib import ROOT, run_python
+from addon_testlib import ROOT, read_exr_parts, run_python
 
 pytestmark = pytest.mark.blender
-
-
-def read_exr_parts(path):
-    """{'<pass>.<channel>': array} over every part of a (multi-part) EXR."""
-    out = {}
-    with OpenEXR.File(str(path), separate_channels=True) as f:
-        for part in f.parts:
-            for name, channel in part.channels.items():
-                out[name.removeprefix("ViewLayer.")] = channel.pixels
-    return out
 
 
 def test_register_unregister_twice():
@@ -137,3 +126,17 @@ def test_extension_zip_installs_enables_and_disables(tmp_path):
         print("INSTALL-OK")
     """, zip_path, env=env)
     assert "INSTALL-OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_batch_help_and_unreachable_service(tiny_blend, tmp_path):
+    from addon.service_process import free_port
+
+    help_text = run_python("import runpy, sys; sys.argv = ['addon.batch', '--help']; "
+                           "runpy.run_module('addon.batch', run_name='__main__')", check=False)
+    assert help_text.returncode == 0 and "--frames" in help_text.stdout and "--keep-jobs" in help_text.stdout
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = run_python("import runpy, sys; sys.argv = ['addon.batch', *sys.argv[1:]]; "
+                      "runpy.run_module('addon.batch', run_name='__main__')",
+                      tiny_blend, "--frames", "1", "--out", tmp_path, "--service", url, check=False)
+    assert proc.returncode == 2
+    assert f"not reachable at {url}" in proc.stderr
