@@ -116,7 +116,8 @@ def test_batch_blender_script_mode(service, tiny_blend, tmp_path):
         bpy.ops.wm.open_mainfile(filepath=blend)
         sys.argv = ["blender", "-b", blend, "--python", script, "--", *args]
         runpy.run_path(script, run_name="__main__")
-    """, tiny_blend, ROOT / "addon" / "batch.py", "--frames", "1", "--out", out, "--rays", "8", "--samples", "1", check=False, timeout=300)
+    """, tiny_blend, ROOT / "addon" / "batch.py", "--frames", "1", "--out", out, "--rays", "8", "--samples", "1",
+        check=False, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 done, 0 skipped, 0 failed" in proc.stdout
     assert (out / "frame_0001.png").exists() and (out / "frame_0001.exr").exists()
