@@ -81,13 +81,18 @@ def blinn_phong_exponent(roughness: torch.Tensor) -> torch.Tensor:
 
 
 def blinn_phong_specular(f0: torch.Tensor, roughness: torch.Tensor, g: Geometry) -> torch.Tensor:
-    """Energy-normalised Blinn-Phong, (s + 8) / (8 pi) (n.h)^s with Schlick Fresnel, times cos."""
+    """Normalised Blinn-Phong with Schlick Fresnel, times cos.
+
+    The normalisation (s + 2)(s + 4) / (8 pi (2^(-s/2) + s)) makes the lobe reflect exactly F at
+    normal view (Akenine-Moller et al., Real-Time Rendering); the common (s + 8) / (8 pi) overshoots.
+    """
     s = blinn_phong_exponent(roughness)[:, None]
-    lobe = (s + 8) / (8 * math.pi) * g.n_dot_h ** s
+    norm = (s + 2) * (s + 4) / (8 * math.pi * (torch.exp2(-s / 2) + s))
     f = schlick_fresnel(f0[:, None], g.h_dot_o)
-    return lobe * f * g.cos_i
+    return norm * g.n_dot_h**s * f * g.cos_i
 
 
 def diffuse_weight(f0: torch.Tensor, g: Geometry) -> torch.Tensor:
-    """Energy left to the diffuse layer after specular reflection: 1 - F(h.o)."""
-    return 1 - schlick_fresnel(f0[:, None], g.h_dot_o)
+    """Energy left to the diffuse layer, 1 - F(n.o): what the specular layer did not reflect towards
+    the viewer. Not per ray, so diffuse + specular stays within the white furnace (tests/test_brdf.py)."""
+    return 1 - schlick_fresnel(f0[:, None], g.n_dot_o)

@@ -46,7 +46,7 @@ def world_positions(camera: Camera, depth: np.ndarray) -> np.ndarray:
     camera_to_world = np.linalg.inv(camera.world_to_camera)
     eye = camera_to_world[:3, 3]
     view_axis = -camera_to_world[:3, 2] / np.linalg.norm(camera_to_world[:3, 2])
-    # distance along the ray from the camera's plane z = 0 to view-axis depth `depth`
-    start = origins - ((origins - eye) @ view_axis)[..., None] * view_axis
-    along = depth / (directions @ view_axis)
-    return start + along[..., None] * directions
+    # walk each ray back to the camera's plane (view-axis depth 0), then forward to `depth`
+    axial = directions @ view_axis
+    start = origins - (((origins - eye) @ view_axis) / axial)[..., None] * directions
+    return start + (depth / axial)[..., None] * directions

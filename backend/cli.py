@@ -22,7 +22,8 @@ def add_shading_options(parser: argparse.ArgumentParser) -> None:
 
 
 def options_override(job_options: Options, args: argparse.Namespace) -> Options:
-    values = {key: getattr(args, key) for key in ("model", "rays", "sampling", "seed") if getattr(args, key) is not None}
+    keys = ("model", "rays", "sampling", "seed")
+    values = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
     if args.no_shadows:
         values["shadows"] = False
     return Options.from_dict(values, job_options)

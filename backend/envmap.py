@@ -69,10 +69,15 @@ class EnvironmentMap:
         return top * (1 - fy) + bottom * fy
 
     def _texel_distribution(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cdf over texels, probability per texel) proportional to luminance x sin(theta)."""
+        """(cdf over texels, probability per texel) proportional to dilated luminance x sin(theta)."""
         if self._distribution is None:
             theta = (torch.arange(self.height, device=self.device) + 0.5) / self.height * math.pi
-            weight = luminance(self.image) * torch.sin(theta)[:, None]
+            # Dilate by one texel: the bilinear lookup spreads a texel's radiance into its neighbours,
+            # and every direction with radiance must have a non-zero pdf for the estimate to be unbiased.
+            lum = luminance(self.image)[None, None]
+            lum = torch.nn.functional.pad(lum, (1, 1, 0, 0), mode="circular")
+            lum = torch.nn.functional.max_pool2d(lum, 3, stride=1, padding=(1, 0))[0, 0]
+            weight = lum * torch.sin(theta)[:, None]
             weight = weight.flatten().double()
             if weight.sum() <= 0:  # a black map: fall back to uniform over the sphere
                 weight = torch.sin(theta)[:, None].expand(self.height, self.width).flatten().double()

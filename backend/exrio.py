@@ -61,7 +61,8 @@ def write_exr(path: str | os.PathLike, channels: dict[str, np.ndarray], *, half:
               meta: dict | None = None) -> None:
     """Write a single-part EXR with ZIP compression; channel names are kept as given."""
     dtype = np.float16 if half else np.float32
-    arrays = {name: np.ascontiguousarray(array, dtype=dtype) for name, array in channels.items()}
+    with np.errstate(over="ignore"):  # background depth (1e10) becomes +inf in half, as in Blender's files
+        arrays = {name: np.ascontiguousarray(array, dtype=dtype) for name, array in channels.items()}
     header = {"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage}
     if meta is not None:
         header[META_ATTRIBUTE] = json.dumps(meta)

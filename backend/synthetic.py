@@ -42,7 +42,8 @@ class Sphere:
 
 @dataclass
 class Plane:
-    height: float = 0.0  # the plane z = height, normal +Z
+    height: float = 0.0  # the square |x|, |y| <= extent at z = height, normal +Z
+    extent: float = 3.0
     material: Material = field(default_factory=Material)
 
 
@@ -110,7 +111,9 @@ def trace(camera: Camera, width: int, height: int, objects: list) -> GBuffer:
             n = (points - np.asarray(obj.center)) / obj.radius
         else:
             t = (obj.height - origins[..., 2]) / np.where(np.abs(directions[..., 2]) > 1e-9, directions[..., 2], 1e-9)
-            hit = (t > 0) & (t < best)
+            points = origins + t[..., None] * directions
+            inside = (np.abs(points[..., 0]) <= obj.extent) & (np.abs(points[..., 1]) <= obj.extent)
+            hit = (t > 0) & (t < best) & inside
             n = np.broadcast_to(np.array([0.0, 0.0, 1.0]), origins.shape)
         best = np.where(hit, t, best)
         normal[hit] = n[hit]
@@ -161,7 +164,7 @@ def sphere_job(width: int = 64, height: int = 64, material: Material | None = No
 def demo_scene_job(width: int = 256, height: int = 192, hdri: np.ndarray | None = None,
                    options: Options | None = None) -> Job:
     """Three spheres (rough red plastic, gold, glossy blue) on a grey ground plane."""
-    objects = [Plane(0.0, Material((0.5, 0.5, 0.5), roughness=0.8)),
+    objects = [Plane(0.0, 2.5, Material((0.5, 0.5, 0.5), roughness=0.8)),
                Sphere((-1.1, 0.0, 0.5), 0.5, Material((0.8, 0.1, 0.08), roughness=0.6)),
                Sphere((0.0, 0.4, 0.5), 0.5, Material((1.0, 0.78, 0.34), metallic=1.0, roughness=0.25)),
                Sphere((1.1, 0.0, 0.5), 0.5, Material((0.1, 0.2, 0.7), roughness=0.1))]
