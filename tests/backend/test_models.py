@@ -9,7 +9,7 @@ from backend.models import CheckpointError, load_checkpoint, load_model, new_mod
 from backend.renderer import Renderer
 from backend.sampling import make_rays
 from backend.shaders import GGX, PaperShader, PixelInputs
-from backend.synthetic import demo_scene_job, sphere_job
+from backend.synthetic import demo_scene_job
 
 
 def random_pixels(count=32, seed=0, device="cpu"):
@@ -70,8 +70,8 @@ def _opts(job, model):
 
 def test_mismatching_checkpoint_is_a_clear_error(tmp_path):
     path = save_checkpoint(new_model("default"), tmp_path / "model")
-    from safetensors.torch import load_file, save_file
     from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(path))
     with safe_open(str(path), "pt") as handle:
