@@ -17,7 +17,10 @@ How the G-buffer is made:
   material write 0 to the material layers (Cycles' AOV behaviour).
 - normal (world), depth, ao come from the view layer's passes, mask from the alpha of a transparent
   film, position optionally from the Position pass. A compositor File Output node writes them all,
-  renamed to the contract's layers, into one multi-part float32 EXR.
+  renamed to the contract's layers, into one multi-part float32 EXR. The normal is renormalised on
+  the way (Vector Math Normalize, where the compositor has it: Blender 4.5+): even with the ~0-wide
+  filter, samples of a pixel whose centre lies on an edge average two normals, and the contract
+  wants unit normals.
 """
 
 import json
@@ -324,7 +327,21 @@ def _setup_compositor(temp, view_layer, out_dir, position):
         out.file_output_items.new(socket_type, name)
         if source not in layers.outputs:
             raise ExportError(f"the Render Layers node has no '{source}' pass output")
-        tree.links.new(layers.outputs[source], out.inputs[name])
+        socket = layers.outputs[source]
+        if name == "normal":
+            socket = _normalized(tree, socket)
+        tree.links.new(socket, out.inputs[name])
+
+
+def _normalized(tree, socket):
+    """``socket`` through a Vector Math Normalize node, or as it is where the compositor lacks one."""
+    try:
+        node = tree.nodes.new("ShaderNodeVectorMath")
+    except RuntimeError:  # Blender < 4.5 compositors have no Vector Math node
+        return socket
+    node.operation = "NORMALIZE"
+    tree.links.new(socket, node.inputs[0])
+    return node.outputs["Vector"]
 
 
 def _remove(path):

@@ -9,6 +9,10 @@ Two paths give the same image:
   Z) into a Background node: the image is resampled in numpy (bilinear at the pixel centres, as
   Cycles' Linear interpolation does), times the Background strength.
 A scene without a world is an error (Cycles would render black, which is rarely what a user meant).
+
+Negative texels are clamped to 0 on both paths: they are compression ringing, not light (Blender's own
+studio-light HDRIs hold a few, down to -0.002), and the backend rejects negative radiance rather
+than clamping it silently. This is the one place where a world becomes the contract's HDRI.
 """
 
 import math
@@ -36,9 +40,9 @@ def capture_hdri(scene, path, width=512, samples=16, fast=True):
     if fast:
         pixels = fast_lookup(world, width)
         if pixels is not None:
-            write_exr(pixels, path, scene)
+            write_exr(np.maximum(pixels, 0.0), path, scene)
             return path
-    _render_world(scene, world, path, width, samples)
+    write_exr(np.maximum(_render_world(scene, world, path, width, samples), 0.0), path, scene)
     return path
 
 
@@ -173,6 +177,7 @@ def _exr_settings(settings):
 
 
 def _render_world(scene, world, path, width, samples):
+    """Render the world alone through an equirectangular camera; return its (H, W, 3) pixels."""
     with preserved(scene):
         temp = bpy.data.scenes.new("PBNDS World Capture")
         temp.world = world
@@ -197,4 +202,9 @@ def _render_world(scene, world, path, width, samples):
         temp.camera = cam
         path.parent.mkdir(parents=True, exist_ok=True)
         bpy.ops.render.render(write_still=True, scene=temp.name)
-        os.replace(render.filepath, path)
+        capture = bpy.data.images.load(render.filepath)
+        try:
+            return _image_pixels(capture)
+        finally:
+            bpy.data.images.remove(capture)
+            os.remove(render.filepath)

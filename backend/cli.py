@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     # subcommands that live in their own modules register themselves: module.add_parser(commands)
-    for module in ("backend.service.cli", "backend.bench", "training.cli"):
+    for module in ("backend.service.cli", "backend.bench", "training.datagen", "training.train", "training.evaluate"):
         try:
             importlib.import_module(module).add_parser(commands)
         except ModuleNotFoundError as error:
