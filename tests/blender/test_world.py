@@ -89,3 +89,16 @@ def test_fixture_world_takes_the_fast_path(open_fixture):
     scene = open_fixture("spheres")
     assert world.fast_lookup(scene.world, 16).shape == (8, 16, 3)
     assert world.fast_lookup(open_fixture("suzanne").world, 16) is None  # a Sky Texture
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_negative_texels_are_clamped(tmp_path, fast):
+    """forest.exr holds ringing below 0; the captured HDRI must pass the backend's validation."""
+    forest = next(p for p in dataset.bundled_hdris() if p.stem == "forest")
+    channels = OpenEXR.File(str(forest), separate_channels=True).parts[0].channels
+    assert min(channels[c].pixels.min() for c in "RGB") < 0
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    scene = bpy.context.scene
+    scene.world = dataset._hdri_world(forest, 0.0)
+    captured = read_exr(world.capture_hdri(scene, tmp_path / "forest.exr", width=256, samples=1, fast=fast))[""]
+    assert captured.min() >= 0 and captured.max() > 1
