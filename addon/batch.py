@@ -29,6 +29,7 @@ if not __package__:
 import bpy  # noqa: E402
 
 from . import client, compositor, engine, gbuffer, properties, service_process  # noqa: E402
+from .scene_state import preserved  # noqa: E402
 
 
 def parse_frames(text):
@@ -64,6 +65,8 @@ def build_parser(in_blender):
     parser.add_argument("--samples", type=int, help="Cycles samples of the G-buffer")
     parser.add_argument("--resolution-percentage", type=int, help="override the scene's resolution %%")
     parser.add_argument("--keep-jobs", action="store_true", help="keep job files and result EXRs in OUT/jobs")
+    parser.add_argument("--cycles-reference", type=int, metavar="SAMPLES",
+                        help="also render frame_NNNN_cycles.png with Cycles at SAMPLES samples, to compare")
     parser.add_argument("--overwrite", action="store_true", help="render frames whose outputs exist")
     parser.add_argument("--service", default="", help="service URL (default: the discovery file)")
     parser.add_argument("--token", default="", help="service token (default: the discovery file)")
@@ -99,6 +102,18 @@ def save_outputs(scene, arrays, exr_path, png_path):
         os.replace(partial, path)
 
 
+def render_cycles_reference(scene, samples, png_path):
+    """The same frame from Cycles at ``samples`` samples (denoised), as a PNG beside the neural one."""
+    with preserved(scene):
+        scene.render.engine = "CYCLES"
+        scene.cycles.samples = samples
+        scene.cycles.use_denoising = True
+        scene.render.image_settings.media_type = "IMAGE"
+        scene.render.image_settings.file_format = "PNG"
+        scene.render.filepath = str(png_path)
+        bpy.ops.render.render(write_still=True, scene=scene.name)
+
+
 def render_frame(svc, scene, frame, args, exr_path, png_path):
     job_dir = args.out / "jobs" / f"frame_{frame:04d}" if args.keep_jobs else None
     workdir = str(job_dir) if job_dir else tempfile.mkdtemp(prefix="pbnds-job-")
@@ -109,6 +124,8 @@ def render_frame(svc, scene, frame, args, exr_path, png_path):
         if job_dir:
             svc.result_exr(job_id, job_dir / "result.exr")
         save_outputs(scene, svc.result_arrays(job_id), exr_path, png_path)
+        if args.cycles_reference:
+            render_cycles_reference(scene, args.cycles_reference, png_path.with_name(f"frame_{frame:04d}_cycles.png"))
     finally:
         if not job_dir:
             shutil.rmtree(workdir, ignore_errors=True)
