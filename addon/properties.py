@@ -13,6 +13,7 @@ MODELS = [
 ]
 
 SAMPLING = [
+    ("mis", "MIS", "HDRI luminance, cosine and GGX-lobe rays combined (best on glossy surfaces)"),
     ("importance", "Importance", "Rays sampled by HDRI luminance"),
     ("stratified", "Stratified", "Low-discrepancy rays over the sphere"),
     ("cosine", "Cosine", "Cosine-weighted rays around the normal"),
@@ -27,7 +28,7 @@ class PBNDSSceneSettings(bpy.types.PropertyGroup):
                                  description="Model name or checkpoint path on the service's machine")
     rays: IntProperty(name="Rays", default=128, min=1, max=4096, soft_max=512,
                       description="Light rays sampled per pixel")
-    sampling: EnumProperty(name="Sampling", items=SAMPLING, default="importance")
+    sampling: EnumProperty(name="Sampling", items=SAMPLING, default="mis")
     seed: IntProperty(name="Seed", default=0, min=0, description="Seed of the ray set")
     shadows: BoolProperty(name="Shadows", default=True, description="Apply the neural shadow estimator")
     gbuffer_samples: IntProperty(name="G-buffer Samples", default=4, min=1, max=1024,

@@ -15,7 +15,7 @@ def add_shading_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="default, pbnds-paper, lambert, blinn-phong, ggx or a .safetensors path "
                         "(default: the job's option, else 'default')")
     parser.add_argument("--rays", type=int, help="light rays per pixel (default: the job's, else 128)")
-    parser.add_argument("--sampling", choices=SAMPLINGS, help="ray set (default: the job's, else importance)")
+    parser.add_argument("--sampling", choices=SAMPLINGS, help="ray set (default: the job's, else mis)")
     parser.add_argument("--seed", type=int, help="ray-set seed (default: the job's, else 0)")
     parser.add_argument("--no-shadows", action="store_true", help="skip the shadow estimator")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")

@@ -17,7 +17,7 @@ from .exrio import ExrError, read_exr, read_exr_bytes, write_exr
 
 FORMAT = "pbnds-job"
 VERSION = 1
-SAMPLINGS = ("uniform", "cosine", "stratified", "importance")
+SAMPLINGS = ("uniform", "cosine", "stratified", "importance", "mis")
 MAX_RAYS = 4096
 RANGE_SLACK = 1e-3
 NORMAL_TOLERANCE = 1e-2
@@ -38,7 +38,7 @@ class JobError(ValueError):
 class Options:
     model: str = "default"
     rays: int = 128
-    sampling: str = "importance"
+    sampling: str = "mis"
     seed: int = 0
     shadows: bool = True
 

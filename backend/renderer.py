@@ -18,7 +18,7 @@ from .camera import view_directions
 from .envmap import EnvironmentMap
 from .jobformat import GBuffer, Job, Options, Result
 from .models import ShadingModel, load_model
-from .sampling import make_rays
+from .sampling import PER_PIXEL, make_rays
 from .shaders import PixelInputs
 
 Progress = Callable[[float], None]
@@ -121,7 +121,7 @@ class Renderer:
         count = len(prepared.pixels)
         colour = torch.zeros(count, 3, device=self.device)
         shared_rays = None
-        if options.sampling != "cosine":
+        if options.sampling not in PER_PIXEL:
             shared_rays = make_rays(options.sampling, options.rays, options.seed, envmap=envmap, device=self.device)
             shared_radiance = envmap.lookup(shared_rays.directions)
         step = chunk_pixels(model, options.rays, self.device)
@@ -133,7 +133,8 @@ class Renderer:
             pixels = prepared.pixels.slice(start, stop)
             try:
                 if shared_rays is None:
-                    rays = make_rays("cosine", options.rays, options.seed, normals=pixels.normal, device=self.device)
+                    rays = make_rays(options.sampling, options.rays, options.seed, envmap=envmap, normals=pixels.normal,
+                                     wo=pixels.wo, roughness=pixels.roughness, device=self.device)
                     radiance = envmap.lookup(rays.directions)
                 else:
                     rays, radiance = shared_rays, shared_radiance

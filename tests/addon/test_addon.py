@@ -19,7 +19,7 @@ def test_register_unregister_twice():
             scene = bpy.context.scene
             scene.render.engine = "PBNDS"
             assert scene.render.engine == "PBNDS"
-            assert scene.pbnds.job_options() == {"model": "default", "rays": 128, "sampling": "importance",
+            assert scene.pbnds.job_options() == {"model": "default", "rays": 128, "sampling": "mis",
                                                  "seed": 0, "shadows": True}
             assert "PBNDS" in bpy.types.CYCLES_MATERIAL_PT_surface.COMPAT_ENGINES
             addon.unregister()
