@@ -1,0 +1,1 @@
+"""Dataset generation and loading, training and evaluation of the PBNDS networks."""
