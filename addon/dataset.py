@@ -10,17 +10,30 @@ Layout of ``out_dir``::
         gt_unshadowed.exr        the same with shadow rays off (``visible_shadow = False`` on
                                  every object): the stage-one target of the neural shader
 
+        cycles_low_<N>spp.exr    optional: Cycles at N samples with OpenImageDenoise, same camera and
+                                 world, timed: the equal-time peer of the neural shader
+
 ``dataset.json``: ``{"format": "pbnds-dataset", "version": 1, "scene", "blend", "seed", "width",
 "height", "gt_samples", "gbuffer_samples", "denoise", "samples": [{"name", "view", "hdri" (file
-path, or null for the scene's own world), "rotation_z" (radians, the Mapping rotation of the HDRI
-world), "job", "gt_full", "gt_unshadowed"}]}``, paths relative to ``out_dir``.
+path, or null for a world), "rotation_z" (radians, the Mapping rotation of the HDRI world),
+"world" (what lit it: a world's ``pbnds_world`` custom property if it has one, else
+{"type": "hdri", "hdri", "rotation_z"} or {"type": "world", "name"}), "job", "gt_full",
+"gt_unshadowed", optional "cycles_low": [{"samples", "denoise", "file", "seconds"}] (seconds: wall
+time of the render call, scene sync included) and "frame" (with ``sequence``)}]}``, paths relative
+to ``out_dir``.
+
+Lighting: each entry of ``hdris`` is None (the scene's world), an HDRI file path (an Environment
+Texture world rotated about Z at random per sample) or a ``bpy.types.World`` used as it is. With
+``sequence=True`` the entries are consecutive frames of one animation and each sample records its
+index as "frame".
 
 Views: with ``orbit=True`` a temporary camera (a copy of the scene camera's data) looks at the
 centre of the scene's renderable meshes from a random azimuth and an elevation of 10-60 degrees, at
 the distance that fits their bounding sphere in the field of view; flat meshes (ground planes) are
 left out of the framing when anything else is there. With ``orbit=False`` view i is the scene's
 i-th camera by name. Everything is drawn from ``seed`` (and Cycles' seed from it too), so a run is
-reproducible; a sample whose five files exist is skipped, so a run is resumable.
+reproducible; a sample whose files exist is skipped (its cycles_low timings are kept from the previous
+dataset.json), so a run is resumable.
 The ground truth uses the G-buffer's ~0-wide pixel filter, so both see the same pixel centres.
 With ``denoise`` the denoiser bleeds a faint glow (~1e-3) into background pixels next to objects:
 mask the ground truth with the G-buffer's mask.
@@ -29,6 +42,7 @@ mask the ground truth with the G-buffer's mask.
 import json
 import math
 import random
+import time
 from pathlib import Path
 
 import bpy
@@ -48,7 +62,7 @@ def bundled_hdris():
 
 def export_dataset(scene, out_dir, *, views=4, hdris=(None,), orbit=True, gt_samples=64,
                    gbuffer_samples=4, width=None, height=None, seed=0, denoise=True, hdri_width=512,
-                   progress=None, cancel_check=None):
+                   low_samples=(), sequence=False, progress=None, cancel_check=None):
     """Write ``views`` x ``len(hdris)`` samples into ``out_dir``; return the dataset.json path."""
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -58,6 +72,7 @@ def export_dataset(scene, out_dir, *, views=4, hdris=(None,), orbit=True, gt_sam
         if not cameras:
             raise ExportError(f"scene '{scene.name}' has no camera and orbit views are off")
         views = min(views, len(cameras))
+    previous = _previous_samples(out_dir / "dataset.json")
     index = {"format": "pbnds-dataset", "version": 1, "scene": scene.name, "blend": bpy.data.filepath,
              "seed": seed, "width": width, "height": height, "gt_samples": gt_samples,
              "gbuffer_samples": gbuffer_samples, "denoise": denoise, "samples": []}
@@ -68,25 +83,41 @@ def export_dataset(scene, out_dir, *, views=4, hdris=(None,), orbit=True, gt_sam
         for h, hdri in enumerate(hdris):
             check_cancel(cancel_check)
             name = f"v{view:03d}_h{h:02d}"
-            rotation = 0.0 if hdri is None else random.Random(f"{seed}:hdri:{view}:{h}").uniform(0, 2 * math.pi)
-            index["samples"].append({"name": name, "view": view, "hdri": None if hdri is None else str(hdri),
-                                     "rotation_z": rotation, "job": f"{name}/job.json",
-                                     "gt_full": f"{name}/gt_full.exr",
-                                     "gt_unshadowed": f"{name}/gt_unshadowed.exr"})
+            is_file = hdri is not None and not isinstance(hdri, bpy.types.World)
+            rotation = random.Random(f"{seed}:hdri:{view}:{h}").uniform(0, 2 * math.pi) if is_file else 0.0
+            world_info = (_world_info(hdri if hdri is not None else scene.world) if not is_file else
+                          {"type": "hdri", "hdri": Path(hdri).name, "rotation_z": rotation})
+            folder = out_dir / name
+            low = [{"samples": n, "denoise": True, "file": f"{name}/cycles_low_{n}spp.exr"} for n in low_samples]
+            entry = {"name": name, "view": view, "hdri": str(hdri) if is_file else None,
+                     "rotation_z": float(world_info.get("rotation_z", rotation)), "world": world_info,
+                     "job": f"{name}/job.json", "gt_full": f"{name}/gt_full.exr",
+                     "gt_unshadowed": f"{name}/gt_unshadowed.exr"}
+            if sequence:
+                entry["frame"] = h
+            index["samples"].append(entry)
             done = len(index["samples"]) - 1
             if progress is not None:
                 progress(done / total, f"Sample {name} ({done + 1}/{total})")
-            folder = out_dir / name
-            if not all((folder / f).exists() for f in FILES):
+            files = list(FILES) + [Path(item["file"]).name for item in low]
+            old_low = {item["samples"]: item for item in previous.get(name, {}).get("cycles_low", [])}
+            if all((folder / f).exists() for f in files) and all(n in old_low for n in low_samples):
+                for item in low:
+                    item["seconds"] = old_low[item["samples"]]["seconds"]
+            else:
                 with preserved(scene):
                     temp = temporary_copy(scene, "PBNDS Dataset")
                     temp.camera = (cameras[view] if cameras is not None
                                    else _orbit_camera(temp, scene.camera, azimuth, elevation, width / height))
-                    if hdri is not None:
+                    if is_file:
                         temp.world = _hdri_world(hdri, rotation)
+                    elif hdri is not None:
+                        temp.world = hdri
                     temp.cycles.seed = seed * 1000 + done
                     _export_sample(temp, folder, width, height, gt_samples, gbuffer_samples, denoise,
-                                   hdri_width, cancel_check)
+                                   hdri_width, cancel_check, low)
+            if low:
+                entry["cycles_low"] = low
             (out_dir / "dataset.json").write_text(json.dumps(index, indent=1))
     if progress is not None:
         progress(1.0, f"Dataset written: {out_dir}")
@@ -94,7 +125,7 @@ def export_dataset(scene, out_dir, *, views=4, hdris=(None,), orbit=True, gt_sam
 
 
 def _export_sample(temp, folder, width, height, gt_samples, gbuffer_samples, denoise, hdri_width,
-                   cancel_check):
+                   cancel_check, low):
     gbuffer.export_job(temp, folder, samples=gbuffer_samples, width=width, height=height,
                        cancel_check=cancel_check, hdri_width=hdri_width)
     render = temp.render
@@ -116,12 +147,45 @@ def _export_sample(temp, folder, width, height, gt_samples, gbuffer_samples, den
     cycles.filter_width = 0.01
     for view_layer in temp.view_layers:
         view_layer.use = view_layer == temp.view_layers[0]
-    for target, shadows in (("gt_full.exr", True), ("gt_unshadowed.exr", False)):
-        for ob in temp.objects:  # shared objects: restored by preserved()
-            ob.visible_shadow = shadows and ob.visible_shadow
-        check_cancel(cancel_check)
-        render.filepath = str(folder / target)
-        bpy.ops.render.render(write_still=True, scene=temp.name)
+    check_cancel(cancel_check)
+    render.filepath = str(folder / "gt_full.exr")
+    bpy.ops.render.render(write_still=True, scene=temp.name)
+    for item in low:  # before the shadow-free render changes the objects
+        item["seconds"] = _render_low(temp, folder / Path(item["file"]).name, item["samples"], cancel_check)
+    for ob in temp.objects:  # shared objects: restored by preserved()
+        ob.visible_shadow = False
+    check_cancel(cancel_check)
+    cycles.samples = gt_samples
+    cycles.use_denoising = denoise
+    render.filepath = str(folder / "gt_unshadowed.exr")
+    bpy.ops.render.render(write_still=True, scene=temp.name)
+
+
+def _previous_samples(path):
+    """{name: sample entry} of an earlier run's dataset.json (empty if there is none)."""
+    try:
+        return {entry["name"]: entry for entry in json.loads(path.read_text())["samples"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _world_info(world):
+    info = world.get("pbnds_world") if world is not None else None
+    if info is not None:
+        return info.to_dict()
+    return {"type": "world", "name": world.name if world is not None else None}
+
+
+def _render_low(temp, path, samples, cancel_check):
+    """Render ``temp`` (set up by _export_sample) at ``samples`` with OpenImageDenoise; return seconds."""
+    check_cancel(cancel_check)
+    temp.cycles.samples = samples
+    temp.cycles.use_denoising = True
+    temp.cycles.denoiser = "OPENIMAGEDENOISE"
+    temp.render.filepath = str(path)
+    start = time.perf_counter()
+    bpy.ops.render.render(write_still=True, scene=temp.name)
+    return time.perf_counter() - start
 
 
 def _hdri_world(path, rotation):
