@@ -71,7 +71,7 @@ def describe(seed: int, hdris: list[str] | tuple[str, ...], lightings: int = 2) 
     rng = random.Random(f"pbnds-scene:{seed}")
     hdris = sorted(hdris)
     objects: list[dict] = []
-    for _ in range(rng.randint(1, 4)):
+    for _ in range(rng.choice((1, 2, 2, 3, 3, 4))):
         size = rng.uniform(0.35, 0.8)
         for _attempt in range(50):  # a spot near the others, overlapping them at most a little
             radius, angle = rng.uniform(0, 0.9), rng.uniform(0, 2 * math.pi)
@@ -180,10 +180,12 @@ def _object(scene, index, spec):
             bmesh.ops.create_icosphere(bm, subdivisions=4, radius=1.0)
         bm.to_mesh(mesh)
         bm.free()
-    if kind in ("cube", "cylinder", "cone"):
+    if kind in ("cube", "bevel_box"):
         mesh.shade_flat()
     else:
         mesh.shade_smooth()
+        if kind in ("cylinder", "cone"):  # sharp rims around smooth sides
+            mesh.set_sharp_from_angle(angle=math.radians(30))
     ob = _link(scene, f"{kind}.{index}", mesh, make_material(spec["material"], f"Material {index}"))
     if kind == "blob":
         texture = bpy.data.textures.new(f"Blob {index}", "CLOUDS")
