@@ -113,7 +113,7 @@ def export_dataset(scene, out_dir, *, views=4, hdris=(None,), orbit=True, gt_sam
                         temp.world = _hdri_world(hdri, rotation)
                     elif hdri is not None:
                         temp.world = hdri
-                    temp.cycles.seed = seed * 1000 + done
+                    temp.cycles.seed = (seed * 1000 + done) % 2**31
                     _export_sample(temp, folder, width, height, gt_samples, gbuffer_samples, denoise,
                                    hdri_width, cancel_check, low)
             if low:

@@ -168,7 +168,8 @@ def run_tasks(tasks: list[dict], out: Path, workers: int, timeout: float, desc: 
             task = futures[future]
             result = future.result()
             on_result(task, result)
-            bar.set_postfix_str(f"{_task_name(task)} {'ok' if result.get('ok') else 'FAILED'}")
+            state = 'ok' if result.get('ok') else 'skipped' if result.get('skipped') else 'FAILED'
+            bar.set_postfix_str(f"{_task_name(task)} {state}")
             bar.update(task.get("samples", 1))
 
 
