@@ -5,7 +5,8 @@ addon.dataset.export_dataset. Work is split into tasks (one scene, or one .blend
 its own Python process (``python -m training.datagen TASK.json``, bpy imported there only), up to
 ``--workers`` at a time: Blender can crash or hang on odd input, and a process per task confines a
 crash or a timeout to that task (a multiprocessing pool cannot tell which task killed a worker).
-Blender's console output goes to ``OUT/logs/<task>.log``; the terminal gets a tqdm bar and a summary.
+Tasks with timed Cycles renders (test, relight) run first and alone, on every core. Blender's console
+output goes to ``OUT/logs/<task>.log``; the terminal gets a tqdm bar and a summary.
 
 Generation is deterministic per ``--seed`` (scene i of the whole run has seed ``seed * 1000000 + i``,
 so adding train scenes changes no other scene) and resumable: a scene whose dataset.json lists every
@@ -158,19 +159,26 @@ def _run_one(task: dict, out: Path, timeout: float) -> dict:
 
 
 def run_tasks(tasks: list[dict], out: Path, workers: int, timeout: float, desc: str, on_result) -> None:
-    """Run ``tasks`` with ``workers`` processes at once; call ``on_result(task, result)`` as each ends."""
+    """Run ``tasks``, calling ``on_result(task, result)`` as each ends.
+
+    Tasks with timed low-sample renders run first, one at a time with every core, so their timings
+    are not those of a CPU shared with our other workers; then the rest, ``workers`` at a time.
+    """
     from tqdm import tqdm
 
-    with tqdm(total=sum(t.get("samples", 1) for t in tasks), desc=desc, unit="sample", file=sys.stderr) as bar, \
-            ThreadPoolExecutor(max(1, workers)) as pool:
-        futures = {pool.submit(_run_one, task, out, timeout): task for task in tasks}
-        for future in as_completed(futures):
-            task = futures[future]
-            result = future.result()
-            on_result(task, result)
-            state = 'ok' if result.get('ok') else 'skipped' if result.get('skipped') else 'FAILED'
-            bar.set_postfix_str(f"{_task_name(task)} {state}")
-            bar.update(task.get("samples", 1))
+    timed = [{**t, "render": {**t["render"], "threads": 0}} for t in tasks if t.get("low_samples")]
+    rest = [t for t in tasks if not t.get("low_samples")]
+    with tqdm(total=sum(t.get("samples", 1) for t in tasks), desc=desc, unit="sample", file=sys.stderr) as bar:
+        for batch, parallel in ((timed, 1), (rest, max(1, workers))):
+            with ThreadPoolExecutor(parallel) as pool:
+                futures = {pool.submit(_run_one, task, out, timeout): task for task in batch}
+                for future in as_completed(futures):
+                    task = futures[future]
+                    result = future.result()
+                    on_result(task, result)
+                    state = "ok" if result.get("ok") else "skipped" if result.get("skipped") else "FAILED"
+                    bar.set_postfix_str(f"{_task_name(task)} {state}")
+                    bar.update(task.get("samples", 1))
 
 
 # --- generate ---------------------------------------------------------------------------------------

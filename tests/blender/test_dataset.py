@@ -37,3 +37,31 @@ def test_one_view_one_hdri(tmp_path, open_fixture):
     stamps = {name: (folder / name).stat().st_mtime_ns for name in dataset.FILES}
     assert json.loads(dataset.export_dataset(scene, tmp_path, **kwargs).read_text()) == index
     assert stamps == {name: (folder / name).stat().st_mtime_ns for name in dataset.FILES}
+
+
+def test_world_entries_low_renders_and_frames(tmp_path, open_fixture):
+    import bpy
+
+    scene = open_fixture("spheres")
+    worlds = []
+    for frame in range(2):
+        world = bpy.data.worlds.new(f"Sky {frame}")
+        world.node_tree.nodes["Background"].inputs["Color"].default_value = (0.2, 0.3, 0.5 + 0.2 * frame, 1.0)
+        world["pbnds_world"] = {"type": "gradient", "hdri": "gradient", "rotation_z": 0.1 * frame}
+        worlds.append(world)
+    kwargs = {"views": 1, "hdris": worlds, "width": 24, "height": 24, "gt_samples": 4, "gbuffer_samples": 1,
+              "hdri_width": 32, "low_samples": (1,), "sequence": True}
+    index = json.loads(dataset.export_dataset(scene, tmp_path, **kwargs).read_text())
+    assert scene.world.name not in {w.name for w in worlds}  # the scene keeps its own world
+    first, second = index["samples"]
+    assert first["world"] == {"type": "gradient", "hdri": "gradient", "rotation_z": 0.0}
+    assert (first["frame"], second["frame"], second["rotation_z"], first["hdri"]) == (0, 1, 0.1, None)
+    (low,) = second["cycles_low"]
+    assert low["samples"] == 1 and low["denoise"] and low["seconds"] > 0
+    assert (tmp_path / low["file"]).exists()
+    hdri = read_exr(tmp_path / second["name"] / "hdri.exr")[""]
+    assert np.allclose(hdri, (0.2, 0.3, 0.7), atol=1e-3)  # that world lit it
+    # Resumed: nothing rendered again, the timings kept.
+    stamp = (tmp_path / low["file"]).stat().st_mtime_ns
+    assert json.loads(dataset.export_dataset(scene, tmp_path, **kwargs).read_text()) == index
+    assert (tmp_path / low["file"]).stat().st_mtime_ns == stamp
