@@ -18,9 +18,9 @@ Layout of ``out_dir``::
 path, or null for a world), "rotation_z" (radians, the Mapping rotation of the HDRI world),
 "world" (what lit it: a world's ``pbnds_world`` custom property if it has one, else
 {"type": "hdri", "hdri", "rotation_z"} or {"type": "world", "name"}), "job", "gt_full",
-"gt_unshadowed", optional "cycles_low": [{"samples", "denoise", "file", "seconds"}] (seconds: wall
-time of the render call, scene sync included) and "frame" (with ``sequence``)}]}``, paths relative
-to ``out_dir``.
+"gt_unshadowed", optional "cycles_low": [{"samples", "denoise", "file", "seconds", "cpu_seconds"}]
+(wall and process CPU time of the render call, scene sync included) and "frame" (with
+``sequence``)}]}``, paths relative to ``out_dir``.
 
 Lighting: each entry of ``hdris`` is None (the scene's world), an HDRI file path (an Environment
 Texture world rotated about Z at random per sample) or a ``bpy.types.World`` used as it is. With
@@ -103,7 +103,7 @@ def export_dataset(scene, out_dir, *, views=4, hdris=(None,), orbit=True, gt_sam
             old_low = {item["samples"]: item for item in previous.get(name, {}).get("cycles_low", [])}
             if all((folder / f).exists() for f in files) and all(n in old_low for n in low_samples):
                 for item in low:
-                    item["seconds"] = old_low[item["samples"]]["seconds"]
+                    item.update({key: old_low[item["samples"]].get(key) for key in ("seconds", "cpu_seconds")})
             else:
                 with preserved(scene):
                     temp = temporary_copy(scene, "PBNDS Dataset")
@@ -151,7 +151,8 @@ def _export_sample(temp, folder, width, height, gt_samples, gbuffer_samples, den
     render.filepath = str(folder / "gt_full.exr")
     bpy.ops.render.render(write_still=True, scene=temp.name)
     for item in low:  # before the shadow-free render changes the objects
-        item["seconds"] = _render_low(temp, folder / Path(item["file"]).name, item["samples"], cancel_check)
+        item["seconds"], item["cpu_seconds"] = _render_low(temp, folder / Path(item["file"]).name, item["samples"],
+                                                           cancel_check)
     for ob in temp.objects:  # shared objects: restored by preserved()
         ob.visible_shadow = False
     check_cancel(cancel_check)
@@ -177,15 +178,18 @@ def _world_info(world):
 
 
 def _render_low(temp, path, samples, cancel_check):
-    """Render ``temp`` (set up by _export_sample) at ``samples`` with OpenImageDenoise; return seconds."""
+    """Render ``temp`` (set up by _export_sample) at ``samples`` with OpenImageDenoise.
+
+    Returns (wall seconds, CPU seconds of this process): the second is less affected by a busy machine.
+    """
     check_cancel(cancel_check)
     temp.cycles.samples = samples
     temp.cycles.use_denoising = True
     temp.cycles.denoiser = "OPENIMAGEDENOISE"
     temp.render.filepath = str(path)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     bpy.ops.render.render(write_still=True, scene=temp.name)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def _hdri_world(path, rotation):

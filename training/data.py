@@ -139,6 +139,7 @@ def _load_sample(folder: Path, scene: str, split: str, entry: dict, index_path: 
     mask = job.gbuffer.mask
     unshadowed = entry.get("gt_unshadowed")
     low = [{"samples": item["samples"], "denoise": item["denoise"], "seconds": item["seconds"],
+            "cpu_seconds": item.get("cpu_seconds"),
             "image": _ground_truth(folder / item["file"], mask)} for item in entry.get("cycles_low", [])]
     world = entry.get("world") or {}
     hdri = world.get("hdri") or (Path(entry["hdri"]).name if entry.get("hdri") else None)
