@@ -2,11 +2,18 @@
 applies the shadow estimator, and scatters the result back into images.
 
 The work that does not depend on the lighting (pixel inputs, view directions, images for the
-shadow net) lives in a PreparedGBuffer, built once per G-buffer and reused by relighting.
+shadow net) lives in a PreparedGBuffer, built once per G-buffer and reused by relighting. For ray
+sets that do not depend on the HDRI (uniform, stratified, cosine), a RelightCache goes further: it
+holds the per-pixel, per-ray weights f cos / pdf of a linear-in-Li shader, so that a relight under a
+new or rotated HDRI is a radiance lookup at fixed directions and one contraction, plus the shadow net.
+
+Shaders with a fast path (backend/fastpath.py: the default shader and GGX) are evaluated through it
+unless the renderer is built with fast=False, which runs the plain reference path of shaders.py.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -14,6 +21,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from . import fastpath
 from .camera import view_directions
 from .envmap import EnvironmentMap
 from .jobformat import GBuffer, Job, Options, Result
@@ -27,6 +35,7 @@ CancelCheck = Callable[[], bool]
 CPU_BUDGET_BYTES = 1 << 30
 CUDA_BUDGET_FRACTION = 0.25
 BYTES_PER_PIXEL_RAY = {"default": 1024, "pbnds-paper": 16384}  # peak activations, measured loosely
+HDRI_INDEPENDENT = ("uniform", "stratified", "cosine")  # ray sets a relight cache can keep
 
 
 class Cancelled(RuntimeError):
@@ -86,18 +95,71 @@ def chunk_pixels(model: ShadingModel, rays: int, device: torch.device) -> int:
     return max(64, budget // per_pixel)
 
 
-class Renderer:
-    """Shades jobs on one device; models are loaded once and cached by name."""
+@dataclass
+class RelightCache:
+    """What a relight needs besides the HDRI, for one prepared G-buffer and one set of options.
 
-    def __init__(self, device: str | None = None, defaults: Options | None = None):
+    colour[p, c] = sum_k weights[c, p, k] Li_c(directions[p or 0, k]), with weights = f cos / (pdf N):
+    the shader's Monte Carlo estimate, exactly, for a shader linear in Li and a ray set that does not
+    depend on the HDRI.
+    """
+
+    prepared: PreparedGBuffer
+    options: Options
+    directions: torch.Tensor  # (1 or P, N, 3) world space
+    weights: torch.Tensor  # (3, P, N)
+
+    @property
+    def nbytes(self) -> int:
+        return self.weights.numel() * self.weights.element_size() + self.directions.numel() * 4
+
+    def matches(self, prepared: PreparedGBuffer, options: Options) -> bool:
+        keys = ("model", "rays", "sampling", "seed")
+        return prepared is self.prepared and all(getattr(options, k) == getattr(self.options, k) for k in keys)
+
+
+def rotate_z(directions: torch.Tensor, angle: float) -> torch.Tensor:
+    """Directions rotated by `angle` radians about +Z."""
+    cos, sin = math.cos(angle), math.sin(angle)
+    x, y, z = directions.unbind(-1)
+    return torch.stack([cos * x - sin * y, sin * x + cos * y, z], dim=-1)
+
+
+class Renderer:
+    """Shades jobs on one device; models are loaded once and cached by name.
+
+    fast: evaluate the shaders that have one through backend/fastpath.py (False: the plain reference);
+    precision: "fp32" or "bf16" (the fast path's hidden-layer products); compile: torch.compile the
+    fast path's chunk function (falls back to eager where inductor cannot compile).
+    """
+
+    def __init__(self, device: str | None = None, defaults: Options | None = None, *, fast: bool = True,
+                 precision: str = "fp32", compile: bool = False):
+        if precision not in fastpath.PRECISIONS:
+            raise ValueError(f"precision must be one of {list(fastpath.PRECISIONS)}, got {precision!r}")
         self.device = pick_device(device)
         self.defaults = defaults or Options()
+        self.fast, self.precision, self.compile = fast, precision, compile
         self._models: dict[str, ShadingModel] = {}
+        self._fast_shaders: dict[str, fastpath.FastShader] = {}
 
     def model(self, spec: str) -> ShadingModel:
         if spec not in self._models:
-            self._models[spec] = load_model(spec).to(self.device)
+            model = load_model(spec).to(self.device)
+            if self.device.type == "cpu" and model.shadow is not None:
+                # oneDNN's convolutions are ~1.5x faster in NHWC on a CPU; the values are the same
+                model.shadow.to(memory_format=torch.channels_last)
+            self._models[spec] = model
         return self._models[spec]
+
+    def shader_for(self, spec: str):
+        """The callable that shades with model `spec`: its fast path where there is one, else the shader."""
+        shader = self.model(spec).shader
+        if not (self.fast and fastpath.supports(shader)):
+            return shader
+        if spec not in self._fast_shaders:
+            self._fast_shaders[spec] = fastpath.FastShader(shader, precision=self.precision, compile=self.compile)
+        return self._fast_shaders[spec]
 
     def prepare(self, job: Job) -> PreparedGBuffer:
         wo = view_directions(job.camera, job.width, job.height)
@@ -109,36 +171,17 @@ class Renderer:
         return self.shade(prepared, job.hdri, job.options, progress=progress, cancel=cancel,
                           timings={"prepare_ms": (time.perf_counter() - started) * 1e3})
 
-    @torch.inference_mode()
-    def shade(self, prepared: PreparedGBuffer, hdri: np.ndarray, options: Options, *,
-              progress: Progress | None = None, cancel: CancelCheck | None = None,
-              timings: dict | None = None) -> Result:
-        """Shade a prepared G-buffer under an HDRI: the whole render after prepare(), and a relight."""
-        timings = dict(timings or {})
-        started = time.perf_counter()
-        model = self.model(options.model)
-        envmap = EnvironmentMap(hdri, self.device)
-        count = len(prepared.pixels)
-        colour = torch.zeros(count, 3, device=self.device)
-        shared_rays = None
-        if options.sampling not in PER_PIXEL:
-            shared_rays = make_rays(options.sampling, options.rays, options.seed, envmap=envmap, device=self.device)
-            shared_radiance = envmap.lookup(shared_rays.directions)
-        step = chunk_pixels(model, options.rays, self.device)
+    def _chunks(self, model: ShadingModel, count: int, rays: int, cancel: CancelCheck | None,
+                progress: Progress | None, work: Callable[[int, int], None]) -> None:
+        """Run work(start, stop) over the pixels in memory-sized chunks, halving them on out-of-memory."""
+        step = chunk_pixels(model, rays, self.device)
         start = 0
         while start < count:
             if cancel is not None and cancel():
                 raise Cancelled("the render was cancelled")
             stop = min(start + step, count)
-            pixels = prepared.pixels.slice(start, stop)
             try:
-                if shared_rays is None:
-                    rays = make_rays(options.sampling, options.rays, options.seed, envmap=envmap, normals=pixels.normal,
-                                     wo=pixels.wo, roughness=pixels.roughness, device=self.device)
-                    radiance = envmap.lookup(rays.directions)
-                else:
-                    rays, radiance = shared_rays, shared_radiance
-                colour[start:stop] = model.shader(pixels, rays, radiance)
+                work(start, stop)
             except torch.OutOfMemoryError:
                 if step <= 64:
                     raise
@@ -148,8 +191,99 @@ class Renderer:
             start = stop
             if progress is not None:
                 progress(0.9 * start / max(count, 1))
-        timings["shade_ms"] = (time.perf_counter() - started) * 1e3
 
+    @torch.inference_mode()
+    def shade(self, prepared: PreparedGBuffer, hdri: np.ndarray, options: Options, *,
+              progress: Progress | None = None, cancel: CancelCheck | None = None,
+              timings: dict | None = None) -> Result:
+        """Shade a prepared G-buffer under an HDRI: the whole render after prepare(), and a relight."""
+        timings = dict(timings or {})
+        started = time.perf_counter()
+        model = self.model(options.model)
+        shader = self.shader_for(options.model)
+        envmap = EnvironmentMap(hdri, self.device)
+        colour = torch.zeros(len(prepared.pixels), 3, device=self.device)
+        shared_rays = shared_radiance = None
+        if options.sampling not in PER_PIXEL:
+            shared_rays = make_rays(options.sampling, options.rays, options.seed, envmap=envmap, device=self.device)
+            shared_radiance = envmap.lookup(shared_rays.directions)
+
+        def work(start: int, stop: int) -> None:
+            pixels = prepared.pixels.slice(start, stop)
+            rays, radiance = shared_rays, shared_radiance
+            if rays is None:
+                rays = make_rays(options.sampling, options.rays, options.seed, envmap=envmap, normals=pixels.normal,
+                                 wo=pixels.wo, roughness=pixels.roughness, device=self.device)
+                radiance = envmap.lookup(rays.directions)
+            colour[start:stop] = shader(pixels, rays, radiance)
+
+        self._chunks(model, len(prepared.pixels), options.rays, cancel, progress, work)
+        timings["shade_ms"] = (time.perf_counter() - started) * 1e3
+        return self._finish(prepared, colour, model, options, timings, progress)
+
+    # -- relighting -----------------------------------------------------------------------------------
+
+    def can_cache(self, options: Options) -> bool:
+        """Whether relight_cache() can serve these options: an HDRI-independent ray set, a linear shader."""
+        return options.sampling in HDRI_INDEPENDENT and self.model(options.model).shader.unbiased
+
+    @torch.inference_mode()
+    def relight_cache(self, prepared: PreparedGBuffer, options: Options, *, progress: Progress | None = None,
+                      cancel: CancelCheck | None = None) -> RelightCache:
+        """Everything of a render that the HDRI does not change: the rays and f cos / (pdf N) per pixel and ray.
+
+        Costs about one render with options.rays rays and keeps 12 bytes per pixel and ray.
+        """
+        if options.sampling not in HDRI_INDEPENDENT:
+            raise ValueError(f"a relight cache needs a ray set that does not depend on the HDRI "
+                             f"({', '.join(HDRI_INDEPENDENT)}), not {options.sampling!r}")
+        model = self.model(options.model)
+        if not model.shader.unbiased:
+            raise ValueError(f"model {options.model!r} is not linear in the radiance; it cannot be relit from "
+                             "a cache")
+        shader = self.shader_for(options.model)
+        brdf_cos = shader.brdf_cos
+        count, n = len(prepared.pixels), options.rays
+        weights = torch.empty(3, count, n, device=self.device)
+        shared = None if options.sampling in PER_PIXEL else make_rays(options.sampling, n, options.seed,
+                                                                     device=self.device)
+        directions = shared.directions if shared is not None else torch.empty(count, n, 3, device=self.device)
+
+        def work(start: int, stop: int) -> None:
+            pixels = prepared.pixels.slice(start, stop)
+            rays = shared
+            if rays is None:
+                rays = make_rays(options.sampling, n, options.seed, normals=pixels.normal, device=self.device)
+                directions[start:stop] = rays.directions
+            value = brdf_cos(pixels, rays.directions) / (rays.pdf[..., None] * n)
+            weights[:, start:stop] = value.permute(2, 0, 1)
+
+        self._chunks(model, count, n, cancel, progress, work)
+        return RelightCache(prepared, options, directions, weights)
+
+    @torch.inference_mode()
+    def relight(self, cache: RelightCache, hdri: np.ndarray, rotation: float = 0.0, *,
+                progress: Progress | None = None, timings: dict | None = None) -> Result:
+        """Shade the cached G-buffer under an HDRI rotated by `rotation` radians about +Z (as
+        EnvironmentMap.rotated): a radiance lookup at the cached directions, one contraction, the shadow net."""
+        timings = dict(timings or {})
+        started = time.perf_counter()
+        envmap = EnvironmentMap(hdri, self.device)
+        directions = cache.directions if rotation == 0 else rotate_z(cache.directions, -rotation)
+        radiance = envmap.lookup(directions).permute(2, 0, 1)  # (3, 1 or P, N)
+        if radiance.shape[1] == 1:  # a shared ray set: one matrix-vector product per colour channel
+            colour = torch.bmm(cache.weights, radiance.transpose(1, 2))[..., 0].T
+        else:
+            colour = (cache.weights * radiance).sum(-1).T
+        timings["shade_ms"] = (time.perf_counter() - started) * 1e3
+        model = self.model(cache.options.model)
+        return self._finish(cache.prepared, colour.contiguous(), model, cache.options, timings, progress)
+
+    # -- the image-space part -------------------------------------------------------------------------
+
+    def _finish(self, prepared: PreparedGBuffer, colour: torch.Tensor, model: ShadingModel, options: Options,
+                timings: dict, progress: Progress | None) -> Result:
+        """Scatter the shaded pixels into an image, apply the shadow estimator, and build the result."""
         started = time.perf_counter()
         height, width = prepared.height, prepared.width
         unshadowed = torch.zeros(height * width, 3, device=self.device)
