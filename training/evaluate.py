@@ -1,0 +1,196 @@
+"""`pbnds eval`: score shading models and Cycles' low-sample renders against Cycles ground truth.
+
+Every model renders every sample of a split (after one untimed warm-up render); its shaded output is
+scored against gt_full and its unshadowed output against gt_unshadowed where the dataset has one. The
+equal-time Cycles renders stored with the samples are scored beside the models, with the times measured
+when they were rendered. Split "anim" also gets frame-to-frame stability scores. Metrics are in
+training/metrics.py, the files written in training/report.py, the definitions in docs/metrics.md.
+Heavy imports (torch, the renderer) happen inside the command so that `pbnds --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import compare, temporal_scores, to_display
+from .report import GridCell, GridRow, write_report
+
+GRID_ROWS = 6
+DEFAULT_MODELS = "default,ggx,blinn-phong,lambert"
+CYCLES_DEVICE = "Blender Cycles, CPU, timed at dataset generation"
+
+
+@dataclass
+class SplitResult:
+    split: str
+    rows: list[dict] = field(default_factory=list)  # one per (method, sample)
+    grid: list[GridRow] = field(default_factory=list)
+    temporal: dict[str, dict] = field(default_factory=dict)  # method -> temporal scores (sequences only)
+
+
+def model_label(spec: str) -> str:
+    """A short column name: the spec for named models, 'folder/stem' for checkpoint paths."""
+    path = Path(spec)
+    return f"{path.parent.name}/{path.stem}" if spec.endswith(".safetensors") or "/" in spec else spec
+
+
+def cycles_label(low: dict) -> str:
+    return f"cycles-{low['samples']}spp" + ("+denoise" if low["denoise"] else "")
+
+
+def device_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    model = platform.processor() or "unknown CPU"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"cpu ({model}, {torch.get_num_threads()} threads)"
+
+
+def _caption(scores: dict) -> str:
+    return f"{scores['psnr_fg']:.2f} dB  FLIP {scores['flip_fg']:.3f}"
+
+
+def _sample_row(split: str, method: str, kind: str, sample) -> dict:
+    return {"split": split, "method": method, "kind": kind, "sample": sample.name, "hdri": sample.hdri,
+            "rotation_z": round(sample.rotation_z, 4), "frame": sample.frame}
+
+
+def _sequence_scores(frames: list[tuple]) -> dict[str, float]:
+    """Temporal scores per scene (frames in order), averaged over the scenes."""
+    by_scene = defaultdict(list)
+    for scene, frame, prediction, truth, mask in frames:
+        by_scene[scene].append((frame, prediction, truth, mask))
+    per_scene = []
+    for sequence in by_scene.values():
+        sequence.sort(key=lambda item: item[0])
+        per_scene.append(temporal_scores(*([item[i] for item in sequence] for i in (1, 2, 3))))
+    return {key: float(np.mean([s[key] for s in per_scene])) for key in per_scene[0]}
+
+
+def evaluate_split(split: str, samples: list, specs: list[str], renderer, rays: int, progress=None) -> SplitResult:
+    """Score every model and every stored Cycles render on the samples of one split."""
+    from backend.jobformat import Options
+
+    result = SplitResult(split)
+    picks = sorted({int(i) for i in np.linspace(0, len(samples) - 1, min(GRID_ROWS, len(samples))).round()})
+    grid = {i: GridRow(samples[i].name, to_display(samples[i].gt_full)) for i in picks}
+    sequences = defaultdict(list)
+    device = device_name(renderer.device)
+
+    def score(method: str, kind: str, index: int, sample, image: np.ndarray, unshadowed: np.ndarray | None,
+              timing: dict) -> None:
+        mask = sample.job.gbuffer.mask
+        scores, error = compare(image, sample.gt_full, mask)
+        row = {**_sample_row(split, method, kind, sample), **scores}
+        if unshadowed is not None and sample.gt_unshadowed is not None:
+            row.update({f"unshadowed_{k}": v for k, v in compare(unshadowed, sample.gt_unshadowed, mask)[0].items()})
+        result.rows.append({**row, **timing})
+        if index in grid:
+            grid[index].cells.append(GridCell(method, to_display(image), error, _caption(scores)))
+        if sample.frame is not None:
+            sequences[method].append((sample.scene, sample.frame, image, sample.gt_full, mask))
+
+    for spec in specs:
+        label = model_label(spec)
+        options = Options(model=spec, rays=rays)
+        samples[0].job.options = options
+        renderer.render(samples[0].job)  # warm-up: first-call allocations and kernel setup stay out of the times
+        for index, sample in enumerate(samples):
+            sample.job.options = options
+            wall, cpu = time.perf_counter(), time.process_time()
+            rendered = renderer.render(sample.job)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            timings = rendered.meta["timings"]
+            score(label, "model", index, sample, rendered.shaded, rendered.unshadowed,
+                  {"ms": wall * 1e3, "cpu_ms": cpu * 1e3, "relight_ms": timings["shade_ms"] + timings["shadow_ms"],
+                   "device": device})
+            if progress is not None:
+                progress()
+    for index, sample in enumerate(samples):
+        for low in sample.cycles_low:
+            cpu = low.get("cpu_seconds")
+            score(cycles_label(low), "cycles", index, sample, low["image"], None,
+                  {"ms": low["seconds"] * 1e3, "cpu_ms": None if cpu is None else cpu * 1e3, "device": CYCLES_DEVICE})
+    result.grid = [grid[i] for i in picks]
+    result.temporal = {method: _sequence_scores(frames) for method, frames in sequences.items()}
+    return result
+
+
+def command_line(args: argparse.Namespace) -> str:
+    parts = ["pbnds eval", str(args.data), "--models", args.models, "--split", args.split, "--out", str(args.out),
+             "--rays", str(args.rays), "--device", args.device]
+    parts += ["--limit", str(args.limit)] if args.limit is not None else []
+    parts += ["--relight"] if args.relight else []
+    parts += ["--temporal"] if args.temporal else []
+    parts += ["--training-log", *map(str, args.training_log)] if args.training_log else []
+    return " ".join(parts)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from backend.renderer import Renderer
+
+    from .data import load_split
+
+    specs = [spec.strip() for spec in args.models.split(",") if spec.strip()]
+    if not specs:
+        raise ValueError("--models names no model")
+    renderer = Renderer(args.device)
+    for spec in specs:
+        renderer.model(spec)  # a bad name or checkpoint fails here, before any rendering
+    splits = [args.split] + [name for name, wanted in (("relight", args.relight), ("anim", args.temporal))
+                             if wanted and name != args.split]
+    loaded = {split: load_split(args.data, split, args.limit) for split in splits}
+    if not loaded[args.split]:
+        raise ValueError(f"{args.data}: split {args.split!r} has no samples")
+    results = []
+    with tqdm(total=sum(len(specs) * len(s) for s in loaded.values()), desc="eval", unit="render",
+              file=sys.stderr) as bar:
+        for split, samples in loaded.items():
+            if not samples:
+                print(f"pbnds eval: split {split!r} has no samples; skipped", file=sys.stderr)
+                results.append(SplitResult(split))
+                continue
+            bar.set_description(f"eval {split}")
+            results.append(evaluate_split(split, samples, specs, renderer, args.rays, progress=bar.update))
+    settings = {"command": command_line(args), "data": str(args.data), "models": specs, "rays": args.rays,
+                "device": device_name(renderer.device), "limit": args.limit}
+    written = write_report(args.out, results, settings, args.training_log or [])
+    print(json.dumps({name: str(path) for name, path in written.items()}))
+    return 0
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser("eval", help="score models against Cycles ground truth and write a report",
+                                 description="Render every sample of a split with each model, score it against "
+                                 "the Cycles ground truth (docs/metrics.md) and write report.md, metrics.csv, "
+                                 "comparison grids and training curves into --out.")
+    parser.add_argument("data", type=Path, help="dataset root (splits.json, or MaterialFusion's layout)")
+    parser.add_argument("--models", default=DEFAULT_MODELS,
+                        help=f"comma-separated model names or .safetensors paths (default: {DEFAULT_MODELS})")
+    parser.add_argument("--split", default="test", help="split to score (default: test)")
+    parser.add_argument("--out", type=Path, required=True, help="report folder, e.g. reports/NAME")
+    parser.add_argument("--rays", type=int, default=128, help="light rays per pixel (default: 128)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    parser.add_argument("--limit", type=int, help="at most this many samples per split")
+    parser.add_argument("--relight", action="store_true", help="also score split 'relight' (held-out HDRIs)")
+    parser.add_argument("--temporal", action="store_true", help="also score split 'anim' (frame-to-frame flicker)")
+    parser.add_argument("--training-log", type=Path, nargs="+", action="extend",
+                        help="training CSV log(s) to plot (columns step, stage, loss, val_*)")
+    parser.set_defaults(handler=cmd_eval)
