@@ -77,8 +77,8 @@ def _sequence_scores(frames: list[tuple]) -> dict[str, float]:
         by_scene[scene].append((frame, prediction, truth, mask))
     per_scene = []
     for sequence in by_scene.values():
-        sequence.sort(key=lambda item: item[0])
-        per_scene.append(temporal_scores(*([item[i] for item in sequence] for i in (1, 2, 3))))
+        _, predictions, truths, masks = zip(*sorted(sequence, key=lambda item: item[0]), strict=True)
+        per_scene.append(temporal_scores(list(predictions), list(truths), list(masks)))
     return {key: float(np.mean([s[key] for s in per_scene])) for key in per_scene[0]}
 
 
