@@ -170,11 +170,15 @@ class ServiceClient:
         body, ctype = encode_multipart(fields)
         return self.json("POST", "/v1/jobs", body, ctype)["id"]
 
-    def relight(self, job_id, hdri_path, options=None):
-        """Re-shade job `job_id`'s G-buffer (kept by the service) under a new HDRI; new job id."""
+    def relight(self, job_id, hdri_path, options=None, rotation=0.0):
+        """Re-shade job `job_id`'s G-buffer (kept by the service) under a new HDRI, rotated by `rotation`
+        radians about +Z; new job id. With uniform, stratified or cosine rays the service re-shades from
+        its relight cache (docs/performance.md)."""
         fields = {"hdri": ("hdri.exr", pathlib.Path(hdri_path).read_bytes(), "application/octet-stream")}
         if options:
             fields["options"] = json.dumps(options)
+        if rotation:
+            fields["rotation"] = repr(float(rotation))
         body, ctype = encode_multipart(fields)
         return self.json("POST", f"/v1/jobs/{job_id}/relight", body, ctype)["id"]
 

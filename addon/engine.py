@@ -22,6 +22,20 @@ PASSES = (("Unshadowed", 3, "RGB", "COLOR"), ("Shadow", 1, "X", "VALUE"))
 # Per scene: the last full job on the service, for relight-only renders.
 _last_jobs = {}
 
+# Relight-only asks for a ray set that does not depend on the HDRI, so that the service can keep the
+# per-pixel ray weights of the G-buffer (its relight cache) and re-shade a new or rotated world with a
+# lookup and one contraction instead of a full render (docs/performance.md: ~100 ms at 256x256 on a
+# CPU, against seconds). The scene's importance/mis choice is kept for full renders.
+HDRI_DEPENDENT_SAMPLING = ("importance", "mis")
+RELIGHT_SAMPLING = "stratified"
+
+
+def relight_options(options):
+    """The options of a relight-only request: the scene's, with a cacheable ray set."""
+    if options.get("sampling") in HDRI_DEPENDENT_SAMPLING:
+        return dict(options, sampling=RELIGHT_SAMPLING)
+    return options
+
 
 def update_render_passes(engine, scene, renderlayer):
     engine.register_pass(scene, renderlayer, "Combined", 4, "RGBA", "COLOR")
@@ -90,7 +104,7 @@ def shade(engine, depsgraph, scene, width, height):
             hdri = f"{workdir}/hdri.exr"
             world.capture_hdri(scene, hdri)
             try:
-                job_id = svc.relight(cached[2], hdri, options)
+                job_id = svc.relight(cached[2], hdri, relight_options(options))
             except client.ServiceError as exc:
                 if exc.status != 404:
                     raise  # on 404 the service no longer holds that G-buffer: render it again

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tempfile
 import time
 from contextlib import asynccontextmanager
@@ -153,7 +154,8 @@ def create_app(manager: JobManager, *, token: str, max_body: int, allow_remote: 
 
     @app.post("/v1/jobs/{job_id}/relight", status_code=202)
     def relight(job_id: str, hdri: bytes = File(description="hdri.exr"),
-                options: str | None = Form(None, description="JSON object of options to change")) -> dict:
+                options: str | None = Form(None, description="JSON object of options to change"),
+                rotation: float = Form(0.0, description="radians about +Z applied to the HDRI")) -> dict:
         started = time.perf_counter()
         source = manager.get(job_id)
         manager.require_gbuffer(source)
@@ -165,8 +167,11 @@ def create_app(manager: JobManager, *, token: str, max_body: int, allow_remote: 
             raise JobError("relight options must be a JSON object")
         new_options = Options.from_dict(changes, source.options)
         check_model(new_options)
+        if not math.isfinite(rotation):
+            raise JobError(f"relight rotation must be a finite number of radians, got {rotation!r}")
         lighting = hdri_from_bytes(hdri)
-        record = manager.relight(source, lighting, new_options, decode_ms=(time.perf_counter() - started) * 1e3)
+        record = manager.relight(source, lighting, new_options, decode_ms=(time.perf_counter() - started) * 1e3,
+                                 rotation=rotation)
         return {"id": record.id, "status": record.status}
 
     return app

@@ -23,6 +23,12 @@ def add_parser(commands) -> None:
     serve.add_argument("--keep-minutes", type=float, default=60, help="how long finished jobs are kept (default 60)")
     serve.add_argument("--keep-gbuffers", type=int, default=4, help="prepared G-buffers kept for relighting "
                        "(default 4)")
+    serve.add_argument("--relight-cache-mb", type=float, default=2048, help="memory for relight caches (12 bytes "
+                       "per pixel and ray; relights with uniform, stratified or cosine rays reuse them) (default 2048)")
+    serve.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                       help="hidden-layer matrix products of the default shader (default fp32; docs/performance.md)")
+    serve.add_argument("--compile", action="store_true", help="torch.compile the fast shading path (first job "
+                       "compiles; falls back to eager where it cannot)")
     serve.set_defaults(handler=cmd_serve)
 
     from .bench import add_parser as add_bench_parser

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..envmap import EnvironmentMap
 from ..jobformat import Job, Options, Result
-from ..renderer import Cancelled, PreparedGBuffer, Renderer
+from ..renderer import Cancelled, PreparedGBuffer, RelightCache, Renderer
 from .logs import event
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
@@ -48,6 +49,7 @@ class ServiceJob:
     hdri: np.ndarray | None  # dropped when the job ends
     gbuffer_key: str  # id of the job that uploaded the G-buffer this job shades
     job: Job | None = None  # the upload, until the worker has prepared its G-buffer; None for relights
+    rotation: float = 0.0  # radians about +Z applied to the HDRI (relights)
     status: str = QUEUED
     progress: float = 0.0
     error: str | None = None
@@ -66,16 +68,21 @@ class ServiceJob:
 
 
 class JobManager:
+    """relight_cache_bytes bounds the relight caches kept beside the prepared G-buffers (12 bytes per pixel
+    and ray each, Renderer.relight_cache); a relight whose cache would not fit is shaded plainly."""
+
     def __init__(self, renderer: Renderer, *, queue_size: int = 8, keep_jobs: int = 32, keep_seconds: float = 3600,
-                 keep_gbuffers: int = 4):
+                 keep_gbuffers: int = 4, relight_cache_bytes: int = 2 << 30):
         self.renderer = renderer
         self.queue_size = queue_size
         self.keep_jobs = keep_jobs
         self.keep_seconds = keep_seconds
         self.keep_gbuffers = keep_gbuffers
+        self.relight_cache_bytes = relight_cache_bytes
         self._jobs: dict[str, ServiceJob] = {}
         self._pending: deque[ServiceJob] = deque()
         self._prepared: OrderedDict[str, PreparedGBuffer] = OrderedDict()
+        self._relight_caches: OrderedDict[str, RelightCache] = OrderedDict()  # by G-buffer key, LRU
         self._running: ServiceJob | None = None
         self._last_run_s = 1.0
         self._stopping = False
@@ -102,11 +109,13 @@ class JobManager:
                 raise GBufferGone(f"the G-buffer of job {source.id!r} is no longer kept (the service keeps the "
                                   f"last {self.keep_gbuffers} prepared G-buffers); submit the job again")
 
-    def relight(self, source: ServiceJob, hdri: np.ndarray, options: Options, decode_ms: float) -> ServiceJob:
-        """Queue a job that shades the G-buffer of `source` under `hdri`."""
+    def relight(self, source: ServiceJob, hdri: np.ndarray, options: Options, decode_ms: float,
+                rotation: float = 0.0) -> ServiceJob:
+        """Queue a job that shades the G-buffer of `source` under `hdri` rotated by `rotation` radians about +Z."""
         with self._cond:
             self.require_gbuffer(source)
-            record = ServiceJob(uuid.uuid4().hex, options, hdri, source.gbuffer_key, timings={"decode_ms": decode_ms})
+            record = ServiceJob(uuid.uuid4().hex, options, hdri, source.gbuffer_key, rotation=rotation,
+                                timings={"decode_ms": decode_ms})
             self._enqueue(record)
         return record
 
@@ -201,13 +210,22 @@ class JobManager:
 
         try:
             prepared = self._prepared_gbuffer(record)
-            result = self.renderer.shade(prepared, record.hdri, record.options, progress=progress,
-                                         cancel=record.cancel.is_set, timings=record.timings)
+            cache = self._relight_cache(record, prepared, progress) if record.job is None else None
+            if cache is not None:
+                result = self.renderer.relight(cache, record.hdri, record.rotation, progress=progress,
+                                               timings=record.timings)
+            else:
+                hdri = record.hdri
+                if record.rotation:
+                    hdri = EnvironmentMap(hdri).rotated(record.rotation).image.numpy()
+                result = self.renderer.shade(prepared, hdri, record.options, progress=progress,
+                                             cancel=record.cancel.is_set, timings=record.timings)
         except Cancelled:
             return CANCELLED, "the service shut down" if self._stopping else "cancelled by request"
         except torch.OutOfMemoryError:
             with self._cond:
                 self._prepared.pop(record.gbuffer_key, None)
+                self._relight_caches.pop(record.gbuffer_key, None)
             if self.renderer.device.type == "cuda":
                 torch.cuda.empty_cache()
             return FAILED, (f"out of memory on {self.renderer.device} even in the smallest chunks; "
@@ -237,5 +255,29 @@ class JobManager:
                                       "submit the job again") from None
             self._prepared[key] = prepared  # most recently used last
             while len(self._prepared) > self.keep_gbuffers:
-                self._prepared.popitem(last=False)
+                evicted, _ = self._prepared.popitem(last=False)
+                self._relight_caches.pop(evicted, None)
         return prepared
+
+    def _relight_cache(self, record: ServiceJob, prepared: PreparedGBuffer, progress) -> RelightCache | None:
+        """The relight cache of the record's G-buffer and options: kept, built now, or None when the options
+        cannot be cached (an HDRI-dependent ray set, a shader not linear in Li) or it would not fit the budget."""
+        options, key = record.options, record.gbuffer_key
+        if not self.renderer.can_cache(options):
+            return None
+        with self._cond:
+            cache = self._relight_caches.get(key)
+            if cache is not None and cache.matches(prepared, options):
+                self._relight_caches.move_to_end(key)
+                return cache
+        count = len(prepared.pixels) * options.rays
+        if count * 12 > self.relight_cache_bytes:
+            return None
+        started = time.perf_counter()
+        cache = self.renderer.relight_cache(prepared, options, progress=progress, cancel=record.cancel.is_set)
+        record.timings["relight_cache_ms"] = (time.perf_counter() - started) * 1e3
+        with self._cond:
+            self._relight_caches[key] = cache
+            while sum(c.nbytes for c in self._relight_caches.values()) > self.relight_cache_bytes:
+                self._relight_caches.popitem(last=False)
+        return cache

@@ -62,10 +62,12 @@ def serve(args: argparse.Namespace) -> int:
         if getattr(args, name) < (0 if name == "port" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be {'non-negative' if name == 'port' else 'positive'}")
     logs.setup()
-    renderer = Renderer(args.device, Options(model=args.model))
+    renderer = Renderer(args.device, Options(model=args.model), precision=getattr(args, "precision", "fp32"),
+                        compile=getattr(args, "compile", False))
     renderer.model(args.model)  # load once now: a bad model fails here, not in the first job
     manager = JobManager(renderer, queue_size=args.queue_size, keep_jobs=args.keep_jobs,
-                         keep_seconds=args.keep_minutes * 60, keep_gbuffers=args.keep_gbuffers)
+                         keep_seconds=args.keep_minutes * 60, keep_gbuffers=args.keep_gbuffers,
+                         relight_cache_bytes=int(getattr(args, "relight_cache_mb", 2048) * 2**20))
     token = secrets.token_urlsafe(32)
     sock = bind(args.host, args.port)
     host = f"[{args.host}]" if ":" in args.host else args.host
