@@ -129,7 +129,8 @@ class Renderer:
     """Shades jobs on one device; models are loaded once and cached by name.
 
     fast: evaluate the shaders that have one through backend/fastpath.py (False: the plain reference);
-    precision: "fp32" or "bf16" (the fast path's hidden-layer products); compile: torch.compile the
+    precision: "fp32" or "bf16" (the fast path's hidden-layer products, the shadow net under autocast);
+    compile: torch.compile the
     fast path's chunk function (falls back to eager where inductor cannot compile).
     """
 
@@ -292,8 +293,10 @@ class Renderer:
         shaded, shadow = unshadowed, torch.ones(height, width, device=self.device)
         if options.shadows and model.shadow is not None:
             images = prepared.images
-            shadow_image, indirect = model.shadow(unshadowed.permute(2, 0, 1)[None], images["albedo"],
-                                                  images["normal"], images["ao"], images["depth"], images["mask"])
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                shadow_image, indirect = model.shadow(unshadowed.permute(2, 0, 1)[None], images["albedo"],
+                                                      images["normal"], images["ao"], images["depth"], images["mask"])
+            shadow_image, indirect = shadow_image.float(), indirect.float()
             mask = images["mask"][0, 0] > 0
             shadow = torch.where(mask, shadow_image[0, 0], 1.0)
             shaded = (unshadowed * shadow[..., None] + indirect[0].permute(1, 2, 0)) * mask[..., None]

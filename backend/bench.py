@@ -1,0 +1,308 @@
+"""`pbnds bench`: shading time and peak memory of the models on this machine, as a Markdown table.
+
+For each device (CPU, and CUDA when present), size and ray count it times Renderer.shade on the
+synthetic demo scene (prepared G-buffer: the lighting-dependent part of a render):
+
+- pbnds-paper: the paper-faithful architecture run plainly, the reference of the speed-up column. It is
+  slow (~105 s per 256x256 frame on a 2-core CPU), so only its first --paper-pixels foreground pixels
+  (and half of them) are shaded and the time is extrapolated to the whole frame along the line through
+  the two (the table marks such rows); no shadow net.
+- default: the default shader through the fast path (backend/fastpath.py), with and without its shadow
+  net, and through the plain reference path (extrapolated from 16 x --paper-pixels pixels where larger).
+- ggx: the classical baseline through the fast path.
+
+Precision fp32, and bf16: the fast path's hidden-layer products in bfloat16 (Renderer(precision="bf16"),
+shadow net under autocast), the paper shader under torch.autocast. One warm-up run is excluded; the
+median and the min-max spread of --repeat runs are reported. Peak memory is the rise of the process's
+peak resident set (CPU, /proc/self/status VmHWM after a reset) or torch's peak allocation (CUDA).
+
+`--steps` instead measures what each optimisation of the fast path bought, one switched on at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+DEFAULT_SIZES = "256x256,512x512,1920x1080"
+DEFAULT_RAYS = "32,64,128"
+QUICK_SIZES, QUICK_RAYS = "256x256,512x512", "64"
+
+
+def add_parser(commands) -> None:
+    bench = commands.add_parser("bench", help="time the shading models on this machine (Markdown table)")
+    bench.add_argument("--sizes", help=f"WIDTHxHEIGHT,... (default {DEFAULT_SIZES}; --quick: {QUICK_SIZES})")
+    bench.add_argument("--rays", help=f"ray counts, comma-separated (default {DEFAULT_RAYS}; --quick: {QUICK_RAYS})")
+    bench.add_argument("--quick", action="store_true", help="fewer sizes, rays and repetitions, fewer paper pixels")
+    bench.add_argument("--repeat", type=int, help="timed runs per case after one warm-up (default 5; --quick 3)")
+    bench.add_argument("--devices", default="auto", help="auto (cpu, and cuda when present) or a comma list")
+    bench.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 or both (default both)")
+    bench.add_argument("--sampling", default="importance", help="ray set (default importance)")
+    bench.add_argument("--paper-pixels", type=int, help="foreground pixels the slow plain paths shade before "
+                       "extrapolating (default 2048; --quick 512)")
+    bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    bench.add_argument("--steps", action="store_true", help="measure each fast-path optimisation instead")
+    bench.add_argument("--output", type=Path, help="also write the Markdown report here")
+    bench.set_defaults(handler=cmd_bench)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_line(devices: list[str]) -> str:
+    import torch
+
+    parts = [f"CPU {cpu_name()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}",
+             f"torch {torch.__version__}", f"python {platform.python_version()}"]
+    if "cuda" in devices:
+        parts.append(f"GPU {torch.cuda.get_device_name()}")
+    if hasattr(os, "getloadavg"):
+        parts.append("load average {:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg()))
+    return ", ".join(parts)
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA's peak allocation, or the rise of the process's peak RSS on a CPU."""
+
+    def __init__(self, device: str):
+        self.device, self.mib = device, float("nan")
+
+    @staticmethod
+    def _rss_kib(key: str) -> int | None:
+        try:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith(key):
+                    return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+    def __enter__(self) -> PeakMemory:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+            except OSError:
+                pass
+            self._base = self._rss_kib("VmRSS:")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+            self.mib = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+        else:
+            peak = self._rss_kib("VmHWM:")
+            if peak is not None and self._base is not None:
+                self.mib = (peak - self._base) / 1024
+
+
+def _timed(run, device: str, repeat: int) -> tuple[list[float], float]:
+    """(seconds of each of `repeat` runs after one warm-up, peak MiB of the first timed run)."""
+    import torch
+
+    run()
+    times = []
+    peak = float("nan")
+    for index in range(repeat):
+        with PeakMemory(device) as memory:
+            started = time.perf_counter()
+            run()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - started)
+        if index == 0:
+            peak = memory.mib
+    return times, peak
+
+
+def _subset(prepared, count: int):
+    """The prepared G-buffer with only its first `count` foreground pixels."""
+    import dataclasses
+
+    return dataclasses.replace(prepared, pixels=prepared.pixels.slice(0, count), index=prepared.index[:count])
+
+
+VARIANTS = (  # label, model, fast path, shadows, subset (x --paper-pixels shaded, then extrapolated; 0: all)
+    ("pbnds-paper (reference)", "pbnds-paper", False, False, 1),
+    ("default + shadow net", "default", True, True, 0),
+    ("default, shader only", "default", True, False, 0),
+    ("default, plain path", "default", False, True, 16),
+    ("ggx", "ggx", True, False, 0),
+)
+
+
+def bench_rows(args: argparse.Namespace, devices: list[str], sizes: list[tuple[int, int]], rays_list: list[int],
+               precisions: list[str], repeat: int, paper_pixels: int) -> list[dict]:
+
+    from .jobformat import Options
+    from .renderer import Renderer
+    from .synthetic import demo_scene_job
+
+    rows = []
+    for device in devices:
+        for width, height in sizes:
+            job = demo_scene_job(width, height)
+            for rays in rays_list:
+                for precision in precisions:
+                    for label, model, fast, shadows, subset in VARIANTS:
+                        renderer = Renderer(device, fast=fast, precision=precision)
+                        prepared = renderer.prepare(job)
+                        count = len(prepared.pixels)
+                        timed = _subset(prepared, min(subset * paper_pixels, count)) if subset else prepared
+                        options = Options(model=model, rays=rays, sampling=args.sampling, shadows=shadows)
+                        autocast = precision == "bf16" and not fast
+                        times, peak = _timed(partial(_shade, renderer, timed, job.hdri, options, autocast),
+                                             device, repeat)
+                        scale = 1.0
+                        if len(timed.pixels) < count:  # a straight line through the subset and half of it
+                            half = _subset(prepared, len(timed.pixels) // 2)
+                            half_times, _ = _timed(partial(_shade, renderer, half, job.hdri, options, autocast),
+                                                   device, repeat)
+                            full_s, half_s = statistics.median(times), statistics.median(half_times)
+                            per_pixel = (full_s - half_s) / (len(timed.pixels) - len(half.pixels))
+                            if per_pixel <= 0:  # too noisy to fit: proportional
+                                per_pixel = full_s / len(timed.pixels)
+                            scale = (full_s + per_pixel * (count - len(timed.pixels))) / full_s
+                        row = {"device": device, "size": f"{width}x{height}", "rays": rays, "variant": label,
+                               "precision": precision, "median_ms": statistics.median(times) * 1e3 * scale,
+                               "min_ms": min(times) * 1e3 * scale, "max_ms": max(times) * 1e3 * scale,
+                               "peak_mib": peak, "timed_pixels": len(timed.pixels), "pixels": count}
+                        rows.append(row)
+                        print(f"{device} {width}x{height} {rays} rays {precision} {label}: "
+                              f"{row['median_ms']:.0f} ms" + (" (extrapolated)" if scale != 1 else ""), file=sys.stderr)
+    return rows
+
+
+def _shade(renderer, prepared, hdri, options, autocast: bool) -> None:
+    import torch
+
+    with torch.autocast(renderer.device.type, dtype=torch.bfloat16, enabled=autocast):
+        renderer.shade(prepared, hdri, options)
+
+
+def report(rows: list[dict], machine: str, args: argparse.Namespace) -> str:
+    reference = {(r["device"], r["size"], r["rays"]): r["median_ms"] for r in rows
+                 if r["variant"].startswith("pbnds-paper") and r["precision"] == "fp32"}
+    lines = ["# `pbnds bench`", "",
+             f"Machine: {machine}.", "",
+             f"Synthetic demo scene, {args.sampling} rays, time of Renderer.shade on a prepared G-buffer "
+             "(shader + shadow net where listed; the G-buffer upload and decode are not included). "
+             "Median of the timed runs after one warm-up, spread = min-max. Rows marked *N shaded only the "
+             "first N (and N/2) foreground pixels and were extrapolated to the whole frame along the straight "
+             "line through the two times (the shadow net, where listed, ran on the whole image). "
+             "Speed-up: against pbnds-paper fp32 on the same device, "
+             "size and rays. bf16: the fast path's hidden-layer products (and the shadow net) in bfloat16; "
+             "the paper shader under torch.autocast.", "",
+             "| device | size | fg pixels | rays | model | precision | median ms | spread ms | peak MiB "
+             "| speed-up |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = reference.get((r["device"], r["size"], r["rays"]))
+        star = f" *{r['timed_pixels']}" if r["timed_pixels"] < r["pixels"] else ""
+        lines.append(f"| {r['device']} | {r['size']} | {r['pixels']} | {r['rays']} | {r['variant']}{star} "
+                     f"| {r['precision']} | {r['median_ms']:.0f} | {r['min_ms']:.0f}-{r['max_ms']:.0f} "
+                     f"| {r['peak_mib']:.0f} | {ref / r['median_ms'] if ref else float('nan'):.1f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def optimisation_steps(args: argparse.Namespace, repeat: int) -> str:
+    """The default shader on the 256x256 demo scene's first 16384 pixels, 64 rays: plain, then the fast path
+    with one optimisation after another (each row keeps the ones above it); and the shadow net at 512x512."""
+    import torch
+
+    from . import fastpath
+    from .envmap import EnvironmentMap
+    from .models import new_model
+    from .renderer import Renderer
+    from .sampling import make_rays
+    from .synthetic import demo_scene_job
+
+    job = demo_scene_job(256, 256)
+    prepared = Renderer("cpu").prepare(job)
+    pixels = prepared.pixels.slice(0, 16384)
+    envmap = EnvironmentMap(job.hdri)
+    rays = make_rays(args.sampling, 64, 0, envmap=envmap)
+    radiance = envmap.lookup(rays.directions)
+    shader = new_model("default").shader.eval()
+    onednn = fastpath._ONEDNN_LINEAR
+    steps = [("plain reference (shaders.py)", lambda: shader(pixels, rays, radiance), None)]
+    unchunked = fastpath.FastShader(shader, pairs_per_chunk=1 << 40)
+    steps.append(("fast path: scalar geometry, split Fresnel, in-place MLP, addmm, one chunk",
+                  lambda: unchunked(pixels, rays, radiance), None))
+    chunked = fastpath.FastShader(shader)
+    steps.append(("+ chunks of 65536 (pixel, ray) pairs", lambda: chunked(pixels, rays, radiance), None))
+    steps.append(("+ oneDNN linear (fused ReLU) instead of addmm", lambda: chunked(pixels, rays, radiance), onednn))
+    low = fastpath.FastShader(shader, precision="bf16")
+    steps.append(("+ bf16 hidden-layer products", lambda: low(pixels, rays, radiance), onednn))
+    lines = ["| step | ms | vs plain |", "|---|---|---|"]
+    base = None
+    with torch.inference_mode():
+        for label, run, linear in steps:
+            fastpath._ONEDNN_LINEAR = linear
+            try:
+                times, _ = _timed(run, "cpu", repeat)
+            finally:
+                fastpath._ONEDNN_LINEAR = onednn
+            ms = statistics.median(times) * 1e3
+            base = base or ms
+            lines.append(f"| {label} | {ms:.0f} | {base / ms:.1f}x |")
+            print(lines[-1], file=sys.stderr)
+        shadow = new_model("default").shadow.eval()
+        images = [torch.rand(1, c, 512, 512) for c in (3, 3, 3, 1, 1, 1)]
+        for label, memory_format in (("shadow net 512x512, NCHW", torch.contiguous_format),
+                                     ("shadow net 512x512, channels_last", torch.channels_last)):
+            shadow.to(memory_format=memory_format)
+            times, _ = _timed(lambda: shadow(*images), "cpu", repeat)
+            lines.append(f"| {label} | {statistics.median(times) * 1e3:.0f} | |")
+            print(lines[-1], file=sys.stderr)
+    return (f"Optimisation steps, default shader (untrained weights: the cost does not depend on them), "
+            f"16384 pixels x 64 {args.sampling} rays, CPU, median of {repeat}:\n\n" + "\n".join(lines) + "\n")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    repeat = args.repeat or (3 if args.quick else 5)
+    if args.devices == "auto":
+        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    else:
+        devices = [d.strip() for d in args.devices.split(",") if d.strip()]
+    if "cuda" in devices and not torch.cuda.is_available():
+        raise RuntimeError("--devices names cuda but PyTorch sees no CUDA device")
+    if args.steps:
+        text = f"Machine: {machine_line(devices)}.\n\n" + optimisation_steps(args, repeat)
+    else:
+        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in
+                 (args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)).split(",")]
+        rays_list = [int(r) for r in (args.rays or (QUICK_RAYS if args.quick else DEFAULT_RAYS)).split(",")]
+        precisions = [p.strip() for p in args.precisions.split(",")]
+        paper_pixels = args.paper_pixels or (512 if args.quick else 2048)
+        rows = bench_rows(args, devices, sizes, rays_list, precisions, repeat, paper_pixels)
+        text = report(rows, machine_line(devices), args)
+    print(text)
+    if args.output:
+        args.output.write_text(text)
+    return 0

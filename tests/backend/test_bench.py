@@ -1,0 +1,33 @@
+"""`pbnds bench` end to end on a tiny frame: the table, the extrapolation and the light module import."""
+
+import subprocess
+import sys
+
+from backend import bench
+from backend.cli import main
+
+
+def test_bench_writes_a_markdown_table(tmp_path, capsys):
+    output = tmp_path / "bench.md"
+    assert main(["bench", "--sizes", "40x32", "--rays", "8", "--repeat", "1", "--paper-pixels", "16",
+                 "--threads", "1", "--output", str(output)]) == 0
+    text = output.read_text()
+    assert text in capsys.readouterr().out
+    assert "| device | size |" in text and "torch" in text and "cores" in text
+    rows = [line for line in text.splitlines() if line.startswith("| cpu |")]
+    assert len(rows) == 2 * len(bench.VARIANTS)  # fp32 and bf16
+    paper = [r for r in rows if "pbnds-paper (reference) *16" in r and "| fp32 |" in r]
+    assert paper and paper[0].rstrip().endswith("| 1.0x |")
+    assert all(r.rstrip().endswith("x |") for r in rows)
+
+
+def test_optimisation_steps_table(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "optimisation_steps", lambda args, repeat: "| step | ms | vs plain |\n")
+    assert main(["bench", "--steps", "--repeat", "1"]) == 0
+    assert "| step | ms | vs plain |" in capsys.readouterr().out
+
+
+def test_importing_the_bench_module_does_not_import_torch():
+    code = "import sys, backend.bench; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() \
+        == "False"
