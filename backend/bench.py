@@ -5,8 +5,8 @@ synthetic demo scene (prepared G-buffer: the lighting-dependent part of a render
 
 - pbnds-paper: the paper-faithful architecture run plainly, the reference of the speed-up column. It is
   slow (~105 s per 256x256 frame on a 2-core CPU), so only its first --paper-pixels foreground pixels
-  (and half of them) are shaded and the time is extrapolated to the whole frame along the line through
-  the two (the table marks such rows); no shadow net.
+  are shaded and the shader loop's time is scaled to the whole frame (the table marks such rows); no
+  shadow net.
 - default: the default shader through the fast path (backend/fastpath.py), with and without its shadow
   net, and through the plain reference path (extrapolated from 16 x --paper-pixels pixels where larger).
 - ggx: the classical baseline through the fast path.
@@ -74,6 +74,15 @@ def machine_line(devices: list[str]) -> str:
     return ", ".join(parts)
 
 
+def _trim_heap() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory of a block: CUDA's peak allocation, or the rise of the process's peak RSS on a CPU."""
 
@@ -98,6 +107,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self._base = torch.cuda.memory_allocated()
         else:
+            _trim_heap()  # hand freed memory back, so that this block's allocations raise the RSS again
             try:
                 Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
             except OSError:
@@ -117,23 +127,23 @@ class PeakMemory:
                 self.mib = (peak - self._base) / 1024
 
 
-def _timed(run, device: str, repeat: int) -> tuple[list[float], float]:
-    """(seconds of each of `repeat` runs after one warm-up, peak MiB of the first timed run)."""
+def _timed(run, device: str, repeat: int) -> tuple[list[float], float, list[dict]]:
+    """(seconds of each of `repeat` runs after one warm-up, peak MiB of the first timed run, what each returned)."""
     import torch
 
     run()
-    times = []
+    times, returned = [], []
     peak = float("nan")
     for index in range(repeat):
         with PeakMemory(device) as memory:
             started = time.perf_counter()
-            run()
+            returned.append(run())
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
         if index == 0:
             peak = memory.mib
-    return times, peak
+    return times, peak, returned
 
 
 def _subset(prepared, count: int):
@@ -172,18 +182,13 @@ def bench_rows(args: argparse.Namespace, devices: list[str], sizes: list[tuple[i
                         timed = _subset(prepared, min(subset * paper_pixels, count)) if subset else prepared
                         options = Options(model=model, rays=rays, sampling=args.sampling, shadows=shadows)
                         autocast = precision == "bf16" and not fast
-                        times, peak = _timed(partial(_shade, renderer, timed, job.hdri, options, autocast),
-                                             device, repeat)
+                        times, peak, results = _timed(partial(_shade, renderer, timed, job.hdri, options, autocast),
+                                                      device, repeat)
                         scale = 1.0
-                        if len(timed.pixels) < count:  # a straight line through the subset and half of it
-                            half = _subset(prepared, len(timed.pixels) // 2)
-                            half_times, _ = _timed(partial(_shade, renderer, half, job.hdri, options, autocast),
-                                                   device, repeat)
-                            full_s, half_s = statistics.median(times), statistics.median(half_times)
-                            per_pixel = (full_s - half_s) / (len(timed.pixels) - len(half.pixels))
-                            if per_pixel <= 0:  # too noisy to fit: proportional
-                                per_pixel = full_s / len(timed.pixels)
-                            scale = (full_s + per_pixel * (count - len(timed.pixels))) / full_s
+                        if len(timed.pixels) < count:  # shader time x count / subset; shadow net and the rest kept
+                            shade_s = statistics.median(r.meta["timings"]["shade_ms"] for r in results) / 1e3
+                            whole = statistics.median(times)
+                            scale = (whole + shade_s * (count / len(timed.pixels) - 1)) / whole
                         row = {"device": device, "size": f"{width}x{height}", "rays": rays, "variant": label,
                                "precision": precision, "median_ms": statistics.median(times) * 1e3 * scale,
                                "min_ms": min(times) * 1e3 * scale, "max_ms": max(times) * 1e3 * scale,
@@ -194,11 +199,11 @@ def bench_rows(args: argparse.Namespace, devices: list[str], sizes: list[tuple[i
     return rows
 
 
-def _shade(renderer, prepared, hdri, options, autocast: bool) -> None:
+def _shade(renderer, prepared, hdri, options, autocast: bool):
     import torch
 
     with torch.autocast(renderer.device.type, dtype=torch.bfloat16, enabled=autocast):
-        renderer.shade(prepared, hdri, options)
+        return renderer.shade(prepared, hdri, options)
 
 
 def report(rows: list[dict], machine: str, args: argparse.Namespace) -> str:
@@ -209,8 +214,8 @@ def report(rows: list[dict], machine: str, args: argparse.Namespace) -> str:
              f"Synthetic demo scene, {args.sampling} rays, time of Renderer.shade on a prepared G-buffer "
              "(shader + shadow net where listed; the G-buffer upload and decode are not included). "
              "Median of the timed runs after one warm-up, spread = min-max. Rows marked *N shaded only the "
-             "first N (and N/2) foreground pixels and were extrapolated to the whole frame along the straight "
-             "line through the two times (the shadow net, where listed, ran on the whole image). "
+             "first N foreground pixels and were extrapolated to the whole frame: the shader loop's time x "
+             "pixels / N, the rest (rays, shadow net on the whole image) as measured. "
              "Speed-up: against pbnds-paper fp32 on the same device, "
              "size and rays. bf16: the fast path's hidden-layer products (and the shadow net) in bfloat16; "
              "the paper shader under torch.autocast.", "",
@@ -261,7 +266,7 @@ def optimisation_steps(args: argparse.Namespace, repeat: int) -> str:
         for label, run, linear in steps:
             fastpath._ONEDNN_LINEAR = linear
             try:
-                times, _ = _timed(run, "cpu", repeat)
+                times, _, _ = _timed(run, "cpu", repeat)
             finally:
                 fastpath._ONEDNN_LINEAR = onednn
             ms = statistics.median(times) * 1e3
@@ -273,7 +278,7 @@ def optimisation_steps(args: argparse.Namespace, repeat: int) -> str:
         for label, memory_format in (("shadow net 512x512, NCHW", torch.contiguous_format),
                                      ("shadow net 512x512, channels_last", torch.channels_last)):
             shadow.to(memory_format=memory_format)
-            times, _ = _timed(lambda: shadow(*images), "cpu", repeat)
+            times, _, _ = _timed(lambda: shadow(*images), "cpu", repeat)
             lines.append(f"| {label} | {statistics.median(times) * 1e3:.0f} | |")
             print(lines[-1], file=sys.stderr)
     return (f"Optimisation steps, default shader (untrained weights: the cost does not depend on them), "

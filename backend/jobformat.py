@@ -213,22 +213,30 @@ def gbuffer_from_channels(channels: dict[str, np.ndarray], width: int, height: i
 
 
 def validate_gbuffer(gbuffer: GBuffer, source: str = "gbuffer.exr") -> None:
+    """Finite values on the foreground, unit-range layers in [0, 1], unit normals.
+
+    Whole layers are checked first with vectorised reductions (most uploads are clean); only a layer
+    that fails them is looked at pixel by pixel, since the background may hold anything.
+    """
     mask = gbuffer.mask
     if not np.isfinite(mask).all():
         raise JobError(f"{source}: layer 'mask' holds NaN or Inf in {_first_bad_pixel(~np.isfinite(mask))}")
     foreground = gbuffer.foreground
     for name, array in gbuffer.layers().items():
-        values = array[foreground]
-        bad = ~np.isfinite(values)
-        if bad.any():
-            where = np.zeros(mask.shape, bool)
-            where[foreground] = bad.reshape(len(values), -1).any(axis=1)
-            raise JobError(f"{source}: layer '{name}' holds NaN or Inf in foreground {_first_bad_pixel(where)}")
-        if name in UNIT_RANGE_LAYERS and values.size and (
-                values.min() < -RANGE_SLACK or values.max() > 1 + RANGE_SLACK):
-            raise JobError(f"{source}: layer '{name}' must lie in [0, 1] on the foreground, "
-                           f"found values in [{values.min():.4g}, {values.max():.4g}]")
-    length = np.linalg.norm(gbuffer.normal, axis=-1)
+        finite = bool(np.isfinite(array.min())) and bool(np.isfinite(array.max()))  # NaN and +-Inf propagate
+        if not finite:
+            bad = ~np.isfinite(array)
+            where = (bad.any(axis=-1) if bad.ndim == 3 else bad) & foreground
+            if where.any():
+                raise JobError(f"{source}: layer '{name}' holds NaN or Inf in foreground {_first_bad_pixel(where)}")
+        if name in UNIT_RANGE_LAYERS and not (finite and array.min() >= -RANGE_SLACK
+                                              and array.max() <= 1 + RANGE_SLACK):
+            values = array[foreground]
+            if values.size and (values.min() < -RANGE_SLACK or values.max() > 1 + RANGE_SLACK):
+                raise JobError(f"{source}: layer '{name}' must lie in [0, 1] on the foreground, "
+                               f"found values in [{values.min():.4g}, {values.max():.4g}]")
+    normal = gbuffer.normal
+    length = np.sqrt(np.einsum("...i,...i->...", normal, normal))
     bad = foreground & (np.abs(length - 1) > NORMAL_TOLERANCE)
     if bad.any():
         raise JobError(f"{source}: layer 'normal' is not unit length in foreground {_first_bad_pixel(bad)} "

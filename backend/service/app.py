@@ -9,10 +9,8 @@ from __future__ import annotations
 import io
 import json
 import math
-import tempfile
 import time
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Request
@@ -21,7 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
-from ..jobformat import JobError, Options, Result, hdri_from_bytes, job_from_bytes, write_result
+from ..exrio import exr_bytes
+from ..jobformat import JobError, Options, Result, hdri_from_bytes, job_from_bytes, result_channels
 from ..models import available_models
 from .jobs import DONE, GBufferGone, JobManager, QueueFull, UnknownJob
 from .security import Guard
@@ -47,16 +46,15 @@ def _validation_message(error: RequestValidationError) -> str:
     return "; ".join(parts) or "malformed request"
 
 
-def encode_exr(result: Result) -> bytes:
-    with tempfile.TemporaryDirectory(prefix="pbnds-result-") as folder:
-        path = Path(folder) / "result.exr"
-        write_result(path, result)
-        return path.read_bytes()
+def encode_exr(result: Result, half: bool = False) -> bytes:
+    return exr_bytes(result_channels(result), half=half, meta=result.meta)
 
 
-def encode_npz(result: Result) -> bytes:
+def encode_npz(result: Result, half: bool = False) -> bytes:
+    dtype = np.float16 if half else np.float32
     buffer = io.BytesIO()
-    np.savez(buffer, **{name: np.ascontiguousarray(getattr(result, name), np.float32) for name in RESULT_ARRAYS})
+    with np.errstate(over="ignore"):
+        np.savez(buffer, **{name: np.ascontiguousarray(getattr(result, name), dtype) for name in RESULT_ARRAYS})
     return buffer.getvalue()
 
 
@@ -132,20 +130,22 @@ def create_app(manager: JobManager, *, token: str, max_body: int, allow_remote: 
     def status(job_id: str) -> dict:
         return manager.get(job_id).describe()
 
-    def download(job_id: str, encode) -> Response:
+    def download(job_id: str, encode, half: bool) -> Response:
         result = finished_result(job_id)
         started = time.perf_counter()
-        data = encode(result)
+        data = encode(result, half)
         timing = f"encode;dur={(time.perf_counter() - started) * 1e3:.1f}"
         return Response(data, media_type="application/octet-stream", headers={"Server-Timing": timing})
 
     @app.get("/v1/jobs/{job_id}/result", response_class=Response)
-    def result_exr(job_id: str) -> Response:
-        return download(job_id, encode_exr)
+    def result_exr(job_id: str, half: bool = False) -> Response:
+        """The result EXR; ?half=true writes half floats (half the bytes)."""
+        return download(job_id, encode_exr, half)
 
     @app.get("/v1/jobs/{job_id}/result.npz", response_class=Response)
-    def result_npz(job_id: str) -> Response:
-        return download(job_id, encode_npz)
+    def result_npz(job_id: str, half: bool = False) -> Response:
+        """The result arrays; ?half=true sends float16 (half the bytes; ~3 significant digits)."""
+        return download(job_id, encode_npz, half)
 
     @app.post("/v1/jobs/{job_id}/cancel")
     def cancel(job_id: str) -> dict:

@@ -31,6 +31,8 @@ def add_parser(commands) -> None:
     bench.add_argument("--model", default="default")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--repeat", type=int, default=3, help="runs per size; medians are reported (default 3)")
+    bench.add_argument("--relight", default="256x256:256", help="WIDTHxHEIGHT:RAYS of the relight round trips "
+                       "(stratified rays, served from the relight cache; empty: none) (default 256x256:256)")
     bench.add_argument("--output", type=Path, default=ROOT / "docs" / "service-benchmark.md")
     bench.set_defaults(handler=cmd_bench)
 
@@ -92,22 +94,52 @@ def start_service(folder: Path, args: argparse.Namespace) -> tuple[subprocess.Po
     raise RuntimeError("the service did not start within 120 s")
 
 
+def wait_done(connection: Connection, job_id: str, interval: float = 0.02) -> dict:
+    while (status := connection.json("GET", f"/v1/jobs/{job_id}"))["status"] in ("queued", "running"):
+        time.sleep(interval)
+    if status["status"] != "done":
+        raise RuntimeError(f"job {job_id} {status['status']}: {status['error']}")
+    return status
+
+
 def measure(connection: Connection, files: dict[str, bytes]) -> dict:
     body, content_type = multipart(files)
     connection.http.close()  # reconnect: the service drops connections idle for 5 s (uvicorn's keep-alive)
     _, _, reply, submit_s = connection.call("POST", "/v1/jobs", body, content_type)
     job_id = json.loads(reply)["id"]
-    while (status := connection.json("GET", f"/v1/jobs/{job_id}"))["status"] in ("queued", "running"):
-        time.sleep(0.02)
-    if status["status"] != "done":
-        raise RuntimeError(f"job {job_id} {status['status']}: {status['error']}")
-    timings = status["timings"]
+    timings = wait_done(connection, job_id)["timings"]
     _, exr_headers, exr, exr_s = connection.call("GET", f"/v1/jobs/{job_id}/result")
     _, npz_headers, npz, npz_s = connection.call("GET", f"/v1/jobs/{job_id}/result.npz")
+    _, half_headers, half, half_s = connection.call("GET", f"/v1/jobs/{job_id}/result.npz?half=true")
     return {"upload_mb": len(body) / 2**20, "submit_ms": submit_s * 1e3, "decode_ms": timings["decode_ms"],
             "shading_ms": timings["prepare_ms"] + timings["shade_ms"] + timings["shadow_ms"],
             "exr_mb": len(exr) / 2**20, "exr_ms": exr_s * 1e3, "exr_encode_ms": server_timing(exr_headers),
-            "npz_mb": len(npz) / 2**20, "npz_ms": npz_s * 1e3, "npz_encode_ms": server_timing(npz_headers)}
+            "npz_mb": len(npz) / 2**20, "npz_ms": npz_s * 1e3, "npz_encode_ms": server_timing(npz_headers),
+            "half_mb": len(half) / 2**20, "half_ms": half_s * 1e3}
+
+
+def measure_relight(connection: Connection, files: dict[str, bytes], repeat: int) -> dict:
+    """Round trips of POST relight + polling + result.npz after one full job: the first relight builds the
+    relight cache, the later ones (alternately rotated) reuse it."""
+    body, content_type = multipart(files)
+    connection.http.close()
+    _, _, reply, _ = connection.call("POST", "/v1/jobs", body, content_type)
+    job_id = json.loads(reply)["id"]
+    wait_done(connection, job_id)
+    runs = []
+    for index in range(repeat + 1):
+        fields = {"hdri": files["hdri"], **({"rotation": b"0.5"} if index % 2 else {})}
+        body, content_type = multipart(fields)
+        started = time.perf_counter()
+        _, _, reply, _ = connection.call("POST", f"/v1/jobs/{job_id}/relight", body, content_type)
+        relight_id = json.loads(reply)["id"]
+        status = wait_done(connection, relight_id, interval=0.002)
+        connection.call("GET", f"/v1/jobs/{relight_id}/result.npz")
+        runs.append({"round_trip_ms": (time.perf_counter() - started) * 1e3, **status["timings"]})
+    cached = runs[1:]
+    return {"first_ms": runs[0]["round_trip_ms"], "cache_ms": runs[0].get("relight_cache_ms", float("nan")),
+            **{key: statistics.median(run.get(key, float("nan")) for run in cached)
+               for key in ("round_trip_ms", "decode_ms", "shade_ms", "shadow_ms", "run_ms")}}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -137,6 +169,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 row.update(size=size, rays=int(rays or 64))
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr)
+            relight = None
+            if args.relight:
+                size, _, rays = args.relight.partition(":")
+                width, height = (int(v) for v in size.split("x"))
+                options = Options(model=args.model, rays=int(rays or 256), sampling="stratified")
+                job_dir = folder / f"relight-{size}"
+                write_job(demo_scene_job(width, height, options=options), job_dir)
+                files = {name: (job_dir / f"{name}{ext}").read_bytes()
+                         for name, ext in (("job", ".json"), ("gbuffer", ".exr"), ("hdri", ".exr"))}
+                relight = {"size": size, "rays": options.rays, **measure_relight(connection, files, args.repeat * 2)}
+                print(json.dumps(relight), file=sys.stderr)
         finally:
             process.terminate()
             process.wait(30)
@@ -144,7 +187,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                "python": platform.python_version(), "torch": torch.__version__, "pbnds": __version__,
                "device": health["device"], "model": health["model"]}
     kept = args.output.read_text().partition(ANALYSIS)[2] if args.output.exists() else ""
-    args.output.write_text(report(rows, machine) + (f"\n{ANALYSIS}{kept}" if kept else ""))
+    args.output.write_text(report(rows, machine, relight) + (f"\n{ANALYSIS}{kept}" if kept else ""))
     print(f"wrote {args.output}")
     return 0
 
@@ -159,20 +202,29 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def report(rows: list[dict], machine: dict) -> str:
+def report(rows: list[dict], machine: dict, relight: dict | None = None) -> str:
     lines = ["# Service overhead benchmark", "",
              "Written by `pbnds bench-service` (backend/service/bench.py): a real `pbnds serve` child process, "
              "the synthetic demo scene, one keep-alive loopback connection from the standard library's "
              "http.client (as the add-on uses), medians of the runs.", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()), "",
              "| size | rays | upload MiB | submit ms (of which decode) | shading ms | result.npz MiB, ms (encode) "
-             "| overhead ms (submit + npz) | overhead / shading | result EXR MiB, ms (encode) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| overhead ms (submit + npz) | overhead / shading | result.npz?half=true MiB, ms "
+             "| result EXR MiB, ms (encode) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         overhead = r["submit_ms"] + r["npz_ms"]
         lines.append(f"| {r['size']} | {r['rays']} | {r['upload_mb']:.1f} "
                      f"| {r['submit_ms']:.0f} ({r['decode_ms']:.0f}) "
                      f"| {r['shading_ms']:.0f} | {r['npz_mb']:.1f}, {r['npz_ms']:.0f} ({r['npz_encode_ms']:.0f}) "
                      f"| {overhead:.0f} | {100 * overhead / r['shading_ms']:.1f}% "
+                     f"| {r.get('half_mb', float('nan')):.1f}, {r.get('half_ms', float('nan')):.0f} "
                      f"| {r['exr_mb']:.1f}, {r['exr_ms']:.0f} ({r['exr_encode_ms']:.0f}) |")
+    if relight:
+        lines += ["", f"Relight round trips at {relight['size']}, {relight['rays']} stratified rays (POST relight with "
+                  "the HDRI, polling every 2 ms, GET result.npz; every other one rotated by 0.5 rad): the first builds "
+                  f"the relight cache ({relight['first_ms']:.0f} ms, of which cache {relight['cache_ms']:.0f} ms); "
+                  f"the cached ones take {relight['round_trip_ms']:.0f} ms (median; in the worker: run "
+                  f"{relight['run_ms']:.0f} ms = lookup and contraction {relight['shade_ms']:.0f} ms + shadow net "
+                  f"{relight['shadow_ms']:.0f} ms; HDRI decode {relight['decode_ms']:.0f} ms)."]
     return "\n".join(lines) + "\n"
