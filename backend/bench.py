@@ -48,6 +48,8 @@ def add_parser(commands) -> None:
                        "extrapolating (default 2048; --quick 512)")
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     bench.add_argument("--steps", action="store_true", help="measure each fast-path optimisation instead")
+    bench.add_argument("--compile", action="store_true", help="also time torch.compile (and the Triton kernel, "
+                       "under TRITON_INTERPRET on a CPU) on a CPU; on CUDA they are always timed")
     bench.add_argument("--output", type=Path, help="also write the Markdown report here")
     bench.set_defaults(handler=cmd_bench)
 
@@ -160,6 +162,10 @@ VARIANTS = (  # label, model, fast path, shadows, subset (x --paper-pixels shade
     ("default, plain path", "default", False, True, 16),
     ("ggx", "ggx", True, False, 0),
 )
+COMPILED_VARIANTS = (  # label, Renderer keyword: on CUDA always, on a CPU with --compile (compiling takes minutes)
+    ("default, shader only, torch.compile", "compile"),
+    ("default, shader only, Triton kernel", "triton"),
+)
 
 
 def bench_rows(args: argparse.Namespace, devices: list[str], sizes: list[tuple[int, int]], rays_list: list[int],
@@ -175,8 +181,12 @@ def bench_rows(args: argparse.Namespace, devices: list[str], sizes: list[tuple[i
             job = demo_scene_job(width, height)
             for rays in rays_list:
                 for precision in precisions:
-                    for label, model, fast, shadows, subset in VARIANTS:
-                        renderer = Renderer(device, fast=fast, precision=precision)
+                    variants = [(*v, {}) for v in VARIANTS]
+                    if device == "cuda" or args.compile:
+                        variants += [(label, "default", True, False, 0, {keyword: True})
+                                     for label, keyword in COMPILED_VARIANTS if keyword != "triton" or _has_triton()]
+                    for label, model, fast, shadows, subset, extra in variants:
+                        renderer = Renderer(device, fast=fast, precision=precision, **extra)
                         prepared = renderer.prepare(job)
                         count = len(prepared.pixels)
                         timed = _subset(prepared, min(subset * paper_pixels, count)) if subset else prepared
@@ -197,6 +207,12 @@ def bench_rows(args: argparse.Namespace, devices: list[str], sizes: list[tuple[i
                         print(f"{device} {width}x{height} {rays} rays {precision} {label}: "
                               f"{row['median_ms']:.0f} ms" + (" (extrapolated)" if scale != 1 else ""), file=sys.stderr)
     return rows
+
+
+def _has_triton() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def _shade(renderer, prepared, hdri, options, autocast: bool):

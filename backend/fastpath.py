@@ -13,7 +13,10 @@ it. What is arranged differently (docs/performance.md has the measurements):
 - GGX split into per-(pixel, ray) scalars and per-pixel colours: D G / (4 n.o) and s = (1 - h.o)^5
   are scalars, Fresnel is f0 (1 - s) + s, the diffuse colour albedo / pi (1 - F(n.o)) is per pixel.
 - Chunks of about PAIRS_PER_CHUNK (pixel, ray) pairs, so that the activations stay in cache on a CPU.
-- Optionally the chunk function through torch.compile (compile=True), falling back to eager on failure.
+- Optionally the chunk function through torch.compile (compile=True), falling back to eager on failure
+  (inductor: C++/OpenMP on a CPU, generated Triton on CUDA).
+- Optionally (triton=True, CUDA, shared ray sets) the fused Triton kernel of backend/fastpath_triton.py,
+  which keeps the (pixel, ray) activations in registers; not yet the default, as it has not run on a GPU.
 
 `FastShader(shader)` has the shader's call signature, (pixels, rays, radiance) -> (P, 3), and
 `brdf_cos(pixels, directions)` -> (P, N, 3) (what the relight cache stores, divided by the pdf).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 
 import torch
 from torch import nn
@@ -135,7 +139,7 @@ def shade_chunk(shader: Shader, pixels: PixelInputs, directions: torch.Tensor, r
 class FastShader:
     """A shader's forward through this module's fast path, chunked for the cache; same call as the shader."""
 
-    def __init__(self, shader: Shader, *, precision: str = "fp32", compile: bool = False,
+    def __init__(self, shader: Shader, *, precision: str = "fp32", compile: bool = False, triton: bool = False,
                  pairs_per_chunk: int | None = None):
         if not supports(shader):
             raise ValueError(f"no fast path for shader {shader.name!r}")
@@ -145,6 +149,11 @@ class FastShader:
         self.pairs_per_chunk = pairs_per_chunk
         self.compiled = False
         self._chunk = shade_chunk
+        self._triton = None
+        if triton:
+            from . import fastpath_triton  # imports triton: only when asked for
+
+            self._triton = fastpath_triton
         if compile:
             self._chunk = torch.compile(shade_chunk, dynamic=True)
             self.compiled = True
@@ -179,6 +188,11 @@ class FastShader:
         return out
 
     def __call__(self, pixels: PixelInputs, rays: RaySet, radiance: torch.Tensor) -> torch.Tensor:
+        device = pixels.normal.device
+        runnable = device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+        if self._triton is not None and runnable and self._triton.supports(self.shader, rays.directions):
+            return self._triton.shade(self.shader, pixels, rays.directions, radiance / rays.pdf[..., None],
+                                      low_precision=self.precision == "bf16")
         out = torch.empty(len(pixels), 3, device=pixels.normal.device)
         return self._over_chunks(pixels, [rays.directions, radiance / rays.pdf[..., None]], out,
                                  lambda p, d, w: self._run(self.shader, p, d, w))

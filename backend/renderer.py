@@ -131,16 +131,17 @@ class Renderer:
     fast: evaluate the shaders that have one through backend/fastpath.py (False: the plain reference);
     precision: "fp32" or "bf16" (the fast path's hidden-layer products, the shadow net under autocast);
     compile: torch.compile the
-    fast path's chunk function (falls back to eager where inductor cannot compile).
+    fast path's chunk function (falls back to eager where inductor cannot compile); triton: the fused
+    Triton kernel for shared ray sets (CUDA; backend/fastpath_triton.py).
     """
 
     def __init__(self, device: str | None = None, defaults: Options | None = None, *, fast: bool = True,
-                 precision: str = "fp32", compile: bool = False):
+                 precision: str = "fp32", compile: bool = False, triton: bool = False):
         if precision not in fastpath.PRECISIONS:
             raise ValueError(f"precision must be one of {list(fastpath.PRECISIONS)}, got {precision!r}")
         self.device = pick_device(device)
         self.defaults = defaults or Options()
-        self.fast, self.precision, self.compile = fast, precision, compile
+        self.fast, self.precision, self.compile, self.triton = fast, precision, compile, triton
         self._models: dict[str, ShadingModel] = {}
         self._fast_shaders: dict[str, fastpath.FastShader] = {}
 
@@ -159,7 +160,8 @@ class Renderer:
         if not (self.fast and fastpath.supports(shader)):
             return shader
         if spec not in self._fast_shaders:
-            self._fast_shaders[spec] = fastpath.FastShader(shader, precision=self.precision, compile=self.compile)
+            self._fast_shaders[spec] = fastpath.FastShader(shader, precision=self.precision, compile=self.compile,
+                                                           triton=self.triton)
         return self._fast_shaders[spec]
 
     def prepare(self, job: Job) -> PreparedGBuffer:

@@ -29,6 +29,8 @@ def add_parser(commands) -> None:
                        help="hidden-layer matrix products of the default shader (default fp32; docs/performance.md)")
     serve.add_argument("--compile", action="store_true", help="torch.compile the fast shading path (first job "
                        "compiles; falls back to eager where it cannot)")
+    serve.add_argument("--triton", action="store_true", help="fused Triton kernel for shared ray sets on CUDA "
+                       "(backend/fastpath_triton.py; not yet measured on a GPU)")
     serve.set_defaults(handler=cmd_serve)
 
     from .bench import add_parser as add_bench_parser

@@ -63,7 +63,7 @@ def serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be {'non-negative' if name == 'port' else 'positive'}")
     logs.setup()
     renderer = Renderer(args.device, Options(model=args.model), precision=getattr(args, "precision", "fp32"),
-                        compile=getattr(args, "compile", False))
+                        compile=getattr(args, "compile", False), triton=getattr(args, "triton", False))
     renderer.model(args.model)  # load once now: a bad model fails here, not in the first job
     manager = JobManager(renderer, queue_size=args.queue_size, keep_jobs=args.keep_jobs,
                          keep_seconds=args.keep_minutes * 60, keep_gbuffers=args.keep_gbuffers,

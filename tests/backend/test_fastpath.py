@@ -158,3 +158,43 @@ def test_renderer_fast_and_reference_paths_agree():
     reference = Renderer("cpu", fast=False).render(job)
     np.testing.assert_allclose(fast.unshadowed, reference.unshadowed, rtol=1e-2, atol=1e-5)
     assert np.abs(fast.unshadowed - reference.unshadowed).mean() < 1e-4 * np.abs(reference.unshadowed).mean() + 1e-7
+
+
+TRITON_CHECK = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_fastpath import random_pixels, trained_like_shader
+from backend import fastpath
+from backend.sampling import make_rays
+from backend.shaders import GGX
+pixels = random_pixels(count=40)
+rays = make_rays("stratified", 24, 0)
+radiance = torch.rand(1, 24, 3, generator=torch.Generator().manual_seed(0)) * 3
+worst = 0.0
+with torch.inference_mode():
+    for shader in (trained_like_shader(), GGX()):
+        fused = fastpath.FastShader(shader, triton=True)(pixels, rays, radiance)
+        torch_path = fastpath.FastShader(shader)(pixels, rays, radiance)
+        worst = max(worst, ((fused - torch_path).abs() / torch_path.abs().clamp(min=1e-2)).max().item())
+print("WORST", worst)
+"""
+
+
+@pytest.mark.slow
+def test_triton_kernel_matches_the_torch_fast_path_in_the_interpreter():
+    """backend/fastpath_triton.py under TRITON_INTERPRET=1 (numpy on the CPU), fp32. Its bf16 path cannot be
+    checked here: the interpreter has no bfloat16 matrix product; a GPU session must."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = TRITON_CHECK.format(tests=str(Path(__file__).parent))
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600,
+                         cwd=Path(__file__).parents[2])
+    assert run.returncode == 0, run.stderr[-2000:]
+    worst = float(run.stdout.split("WORST")[1])
+    # the kernel takes |i + o| from the vectors (no cancellation) and sums in another order
+    assert worst < 1e-3, worst
