@@ -59,27 +59,29 @@ def export_folder(args) -> dict:
         rel = path.relative_to(folder).with_suffix("").as_posix()
         u = _stable_unit(f"{args.seed}:{rel}")
         split = "test" if u < args.test_fraction else "val" if u < args.test_fraction + args.val_fraction else "train"
-        tasks.append({"kind": "blend", "blend": str(path), "folder": f"{split}/{rel.replace('/', '_')}",
+        tasks.append({"kind": "blend", "blend": str(path), "folder": f"{split}/{rel}",
                       "split": split, "seed": int(u * 1e9), "views": args.views, "lightings": args.hdris,
                       "samples": args.views * args.hdris, "render": render,
                       "low_samples": render["low_samples"] if split == "test" else []})
     done = {t["folder"] for t in tasks if scene_complete(out / t["folder"], t["samples"], t["low_samples"])}
     summary = {"files": len(tasks), "already_done": len(done), "exported": [], "skipped": [], "failed": []}
 
+    def record():
+        write_splits(out, {split: [t["folder"] for t in tasks if t["split"] == split and t["folder"] in done]
+                           for split in ("train", "val", "test")})
+
     def on_result(task, result):
         name = str(Path(task["blend"]).relative_to(folder))
         if result.get("ok"):
             done.add(task["folder"])
             summary["exported"].append(name)
-            write_splits(out, {split: [t["folder"] for t in tasks if t["split"] == split and t["folder"] in done]
-                               for split in ("train", "val", "test")})
+            record()
         elif result.get("skipped"):
             summary["skipped"].append({"file": name, "reason": result["skipped"]})
         else:
             summary["failed"].append({"file": name, "error": result.get("error")})
 
-    write_splits(out, {split: [t["folder"] for t in tasks if t["split"] == split and t["folder"] in done]
-                       for split in ("train", "val", "test")})
+    record()
     start = time.perf_counter()
     run_tasks([t for t in tasks if t["folder"] not in done], out, args.workers, args.timeout, "export", on_result)
     summary["seconds"] = round(time.perf_counter() - start, 1)
@@ -96,7 +98,7 @@ def export_file(task: dict) -> dict:
     from addon import dataset
 
     from . import scenes
-    from .datagen import _hdri_folder, training_hdris
+    from .datagen import hdri_folder, training_hdris
 
     path = Path(task["blend"])
     try:
@@ -114,7 +116,7 @@ def export_file(task: dict) -> dict:
     rng = random.Random(f"pbnds-export:{task['seed']}")
     lightings = [{"type": "hdri", "hdri": rng.choice(training_hdris()), "rotation_z": rng.uniform(0, 2 * math.pi),
                   "exposure": 1.0} for _ in range(task["lightings"])]
-    worlds = [scenes.make_world(lighting, _hdri_folder(), f"PBNDS Lighting {i}") for i, lighting in
+    worlds = [scenes.make_world(lighting, hdri_folder(), f"PBNDS Lighting {i}") for i, lighting in
               enumerate(lightings)]
     folder = Path(task["out"]) / task["folder"]
     folder.mkdir(parents=True, exist_ok=True)

@@ -234,12 +234,13 @@ def cmd_export(args) -> int:
 
     summary = blendervault.export_folder(args)
     print(json.dumps(summary, indent=1))
-    return 0
+    return 1 if summary["failed"] else 0
 
 
 # --- inside a worker process ------------------------------------------------------------------------
 
-def _hdri_folder():
+def hdri_folder() -> Path:
+    """Where Blender keeps its bundled studio-light HDRIs."""
     from addon import dataset
 
     return dataset.bundled_hdris()[0].parent
@@ -284,7 +285,7 @@ def _render_scene(task: dict) -> dict:
     render = task["render"]
     description = scenes.describe(task["scene_seed"], training_hdris(), task["lightings"])
     lightings, sequence = lightings_for(task, description)
-    scene, worlds = scenes.build({**description, "lightings": lightings}, _hdri_folder(), render["threads"])
+    scene, worlds = scenes.build({**description, "lightings": lightings}, hdri_folder(), render["threads"])
     folder = Path(task["out"]) / task["folder"]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "scene.json").write_text(json.dumps({**description, "lightings": lightings}, indent=1))

@@ -57,7 +57,7 @@ def test_world_entries_low_renders_and_frames(tmp_path, open_fixture):
     assert first["world"] == {"type": "gradient", "hdri": "gradient", "rotation_z": 0.0}
     assert (first["frame"], second["frame"], second["rotation_z"], first["hdri"]) == (0, 1, 0.1, None)
     (low,) = second["cycles_low"]
-    assert low["samples"] == 1 and low["denoise"] and low["seconds"] > 0
+    assert low["samples"] == 1 and low["denoise"] and low["seconds"] > 0 and low["cpu_seconds"] > 0
     assert (tmp_path / low["file"]).exists()
     hdri = read_exr(tmp_path / second["name"] / "hdri.exr")[""]
     assert np.allclose(hdri, (0.2, 0.3, 0.7), atol=1e-3)  # that world lit it
