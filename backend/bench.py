@@ -276,6 +276,12 @@ def optimisation_steps(args: argparse.Namespace, repeat: int) -> str:
     steps.append(("+ oneDNN linear (fused ReLU) instead of addmm", lambda: chunked(pixels, rays, radiance), onednn))
     low = fastpath.FastShader(shader, precision="bf16")
     steps.append(("+ bf16 hidden-layer products", lambda: low(pixels, rays, radiance), onednn))
+    if args.compile:  # the warm-up run compiles (not timed)
+        compiled = fastpath.FastShader(shader, compile=True)
+        steps.append(("fp32 + torch.compile of the chunk function (inductor)",
+                      lambda: compiled(pixels, rays, radiance), onednn))
+        compiled_low = fastpath.FastShader(shader, precision="bf16", compile=True)
+        steps.append(("bf16 + torch.compile", lambda: compiled_low(pixels, rays, radiance), onednn))
     lines = ["| step | ms | vs plain |", "|---|---|---|"]
     base = None
     with torch.inference_mode():

@@ -60,11 +60,16 @@ class Connection:
         return json.loads(self.call(method, path)[2])
 
 
-def multipart(files: dict[str, bytes]) -> tuple[bytes, str]:
+def multipart(files: dict[str, bytes | str]) -> tuple[bytes, str]:
+    """A multipart/form-data body: bytes become file parts, str plain form fields."""
     boundary = uuid.uuid4().hex
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}"\r\n'
-             f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n"
-             for name, data in files.items()]
+    parts = []
+    for name, data in files.items():
+        if isinstance(data, str):
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{data}\r\n'.encode())
+        else:
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}"\r\n'
+                         f"Content-Type: application/octet-stream\r\n\r\n".encode() + data + b"\r\n")
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
@@ -128,7 +133,7 @@ def measure_relight(connection: Connection, files: dict[str, bytes], repeat: int
     wait_done(connection, job_id)
     runs = []
     for index in range(repeat + 1):
-        fields = {"hdri": files["hdri"], **({"rotation": b"0.5"} if index % 2 else {})}
+        fields = {"hdri": files["hdri"], **({"rotation": "0.5"} if index % 2 else {})}
         body, content_type = multipart(fields)
         started = time.perf_counter()
         _, _, reply, _ = connection.call("POST", f"/v1/jobs/{job_id}/relight", body, content_type)
