@@ -190,7 +190,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
             process.wait(30)
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(),
                "python": platform.python_version(), "torch": torch.__version__, "pbnds": __version__,
-               "device": health["device"], "model": health["model"]}
+               "device": health["device"], "model": health["model"],
+               "torch threads": os.environ.get("OMP_NUM_THREADS", "torch's default"),
+               "load average at the end": "{:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg())}
     kept = args.output.read_text().partition(ANALYSIS)[2] if args.output.exists() else ""
     args.output.write_text(report(rows, machine, relight) + (f"\n{ANALYSIS}{kept}" if kept else ""))
     print(f"wrote {args.output}")
