@@ -5,11 +5,12 @@ shader's own forward (brdf_cos then monte_carlo); tests/backend/test_fastpath.py
 it. What is arranged differently (docs/performance.md has the measurements):
 
 - Geometry from scalars. n.i and o.i per (pixel, ray) come from one matrix product ((P, 3) x (3, N)
-  for a shared ray set); n.h and h.o follow from them, because |i + o|^2 = 2 + 2 i.o for unit vectors.
-  No (P, N, 3) half vector or broadcast copy of the pixel's vectors is ever made.
+  for a shared ray set); n.h and h.o follow from them and |i + o|^2 = |i|^2 + |o|^2 + 2 i.o. No (P, N, 3)
+  half vector or broadcast copy of the pixel's vectors is made (except for the rare pairs with i ~ -o).
 - The MLP on flat (P N, H) activations: the per-pixel part of the first layer once per pixel (as the
   reference does), the per-ray part one (P N, 4) x (4, H) product, added and rectified in place; the
-  hidden layers as addmm (bias fused), optionally in bfloat16 (precision="bf16").
+  other layers as oneDNN linears with fused bias and ReLU (addmm off the CPU), optionally in bfloat16
+  (precision="bf16").
 - GGX split into per-(pixel, ray) scalars and per-pixel colours: D G / (4 n.o) and s = (1 - h.o)^5
   are scalars, Fresnel is f0 (1 - s) + s, the diffuse colour albedo / pi (1 - F(n.o)) is per pixel.
 - Chunks of about PAIRS_PER_CHUNK (pixel, ray) pairs, so that the activations stay in cache on a CPU.
@@ -20,6 +21,7 @@ it. What is arranged differently (docs/performance.md has the measurements):
 
 `FastShader(shader)` has the shader's call signature, (pixels, rays, radiance) -> (P, 3), and
 `brdf_cos(pixels, directions)` -> (P, N, 3) (what the relight cache stores, divided by the pdf).
+Inference only (the renderer runs it under torch.inference_mode; oneDNN's fused op has no gradient).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from .shaders import GGX, LinearNeuralShader, PixelInputs, Shader
 
 PAIRS_PER_CHUNK = {"cpu": 1 << 16, "cuda": 1 << 22}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-NEAR_OPPOSITE = 0.5  # |i + o|^2 below this is recomputed from the vectors
+NEAR_OPPOSITE = 0.5  # |i + o|^2 below this (i.o < -0.75) is recomputed from the vectors
 log = logging.getLogger(__name__)
 # oneDNN's linear with a fused post-op (a private op; absent in builds without oneDNN: then addmm)
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None) \

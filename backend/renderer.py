@@ -265,10 +265,14 @@ class Renderer:
         return RelightCache(prepared, options, directions, weights)
 
     @torch.inference_mode()
-    def relight(self, cache: RelightCache, hdri: np.ndarray, rotation: float = 0.0, *,
+    def relight(self, cache: RelightCache, hdri: np.ndarray, rotation: float = 0.0, *, options: Options | None = None,
                 progress: Progress | None = None, timings: dict | None = None) -> Result:
         """Shade the cached G-buffer under an HDRI rotated by `rotation` radians about +Z (as
-        EnvironmentMap.rotated): a radiance lookup at the cached directions, one contraction, the shadow net."""
+        EnvironmentMap.rotated): a radiance lookup at the cached directions, one contraction, the shadow net.
+        `options` (default: the cache's) may differ from the cache's only outside model, rays, sampling, seed."""
+        options = options or cache.options
+        if not cache.matches(cache.prepared, options):
+            raise ValueError("the relight cache was built for other model, rays, sampling or seed options")
         timings = dict(timings or {})
         started = time.perf_counter()
         envmap = EnvironmentMap(hdri, self.device)
@@ -279,8 +283,8 @@ class Renderer:
         else:
             colour = (cache.weights * radiance).sum(-1).T
         timings["shade_ms"] = (time.perf_counter() - started) * 1e3
-        model = self.model(cache.options.model)
-        return self._finish(cache.prepared, colour.contiguous(), model, cache.options, timings, progress)
+        model = self.model(options.model)
+        return self._finish(cache.prepared, colour.contiguous(), model, options, timings, progress)
 
     # -- the image-space part -------------------------------------------------------------------------
 

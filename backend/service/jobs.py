@@ -212,8 +212,8 @@ class JobManager:
             prepared = self._prepared_gbuffer(record)
             cache = self._relight_cache(record, prepared, progress) if record.job is None else None
             if cache is not None:
-                result = self.renderer.relight(cache, record.hdri, record.rotation, progress=progress,
-                                               timings=record.timings)
+                result = self.renderer.relight(cache, record.hdri, record.rotation, options=record.options,
+                                               progress=progress, timings=record.timings)
             else:
                 hdri = record.hdri
                 if record.rotation:

@@ -63,6 +63,15 @@ def test_rotation_is_a_rotated_lookup(job, sampling):
     assert np.abs(unrotated.unshadowed - relit.unshadowed).max() > 1e-2  # the rotation did something
 
 
+def test_relight_options_must_match_the_cache(job):
+    renderer = Renderer("cpu")
+    cache = renderer.relight_cache(renderer.prepare(job), Options(rays=8, sampling="stratified"))
+    with pytest.raises(ValueError, match="other model, rays"):
+        renderer.relight(cache, job.hdri, options=Options(rays=16, sampling="stratified"))
+    unshadowed = renderer.relight(cache, job.hdri, options=Options(rays=8, sampling="stratified", shadows=False))
+    assert (unshadowed.shadow == 1).all()
+
+
 def test_hdri_dependent_ray_sets_and_nonlinear_shaders_are_refused(job):
     renderer = Renderer("cpu")
     prepared = renderer.prepare(job)
@@ -110,5 +119,10 @@ def test_the_service_relights_from_its_cache(job):
         rotated = EnvironmentMap(job.hdri).rotated(0.5).image.numpy()
         np.testing.assert_array_equal(third.result.shaded, renderer.shade(prepared, rotated, mis).shaded)
         assert "relight_cache_ms" not in third.timings
+        # shadows off reuses the cache and skips the shadow net
+        no_shadows = Options(rays=16, sampling="stratified", shadows=False)
+        fourth = wait(manager, manager.relight(source, job.hdri, no_shadows, decode_ms=0))
+        assert "relight_cache_ms" not in fourth.timings and fourth.result.meta["shadows"] is False
+        np.testing.assert_array_equal(fourth.result.shadow, 1.0)
     finally:
         manager.stop()
