@@ -199,7 +199,7 @@ def plot_training_curves(paths: list[Path], out: Path) -> None:
         for stage in stages:
             part = [(i, row) for i, row in enumerate(rows) if row.get("stage") == stage]
             name = path.parent.name or path.stem
-            name += f" {stage}" if stage else ""
+            name += f" stage {stage}" if stage else ""
             for axis, panel in zip(axes[0], panels, strict=True):
                 for key in loss_keys if panel == "loss" else [panel]:
                     points = [(row[x_key] if x_key else i, row.get(key)) for i, row in part]

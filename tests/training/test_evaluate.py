@@ -56,8 +56,9 @@ def report(tmp_path_factory):
     (root / "splits.json").write_text(json.dumps({"format": "pbnds-splits", "version": 1, "train": [], "val": [],
                                                   "test": ["test/scene_0"], "relight": ["relight/scene_0"],
                                                   "anim": ["anim/scene_0"]}))
-    log = root / "log.csv"
-    log.write_text("step,stage,loss,val_psnr\n0,shader,0.5,\n10,shader,0.2,20.5\n20,shadow,0.1,\n30,shadow,0.08,25.1\n")
+    log = root / "log.csv"  # the columns of training/train.py
+    log.write_text("stage,step,epoch,loss,lr,val_psnr_fg,val_psnr_lin_fg,seconds\n1,0,0,,,12.1,10.2,1\n"
+                   "1,10,1,0.2,1e-3,,,2\n1,20,2,0.1,1e-3,18.3,16.0,3\n2,10,1,0.08,1e-4,21.0,18.2,5\n")
     out = tmp_path_factory.mktemp("reports") / "tiny"
     parser = argparse.ArgumentParser()
     evaluate.add_parser(parser.add_subparsers())
