@@ -8,9 +8,15 @@ from backend.cli import main
 
 
 def test_bench_writes_a_markdown_table(tmp_path, capsys):
+    import torch
+
     output = tmp_path / "bench.md"
-    assert main(["bench", "--sizes", "40x32", "--rays", "8", "--repeat", "1", "--paper-pixels", "16",
-                 "--threads", "1", "--output", str(output)]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert main(["bench", "--sizes", "40x32", "--rays", "8", "--repeat", "1", "--paper-pixels", "16",
+                     "--threads", "1", "--output", str(output)]) == 0
+    finally:
+        torch.set_num_threads(threads)  # --threads is process-wide; later tests keep theirs
     text = output.read_text()
     assert text in capsys.readouterr().out
     assert "| device | size |" in text and "torch" in text and "cores" in text
