@@ -2,10 +2,10 @@
 
 Each loss is an L1 distance after a per-value transfer curve t: mean |t(prediction) - t(target)|.
 - "l1": t(x) = x, the paper's loss on linear values; bright highlights dominate the gradient.
-- "log-l1": t(x) = log(1 + x), close to linear below 1 and logarithmic above, so a sun glint on a
-  glossy sphere weighs like an error of a few per cent rather than hundreds of units of radiance.
-- "srgb-l1": t = the sRGB transfer curve (extended above 1 by the same power law), the space in which
-  display PSNR is measured; it weighs dark pixels most.
+- "log-l1" (ours): t(x) = log(1 + x), close to linear below 1 and logarithmic above, so a sun glint
+  weighs like an error of a few per cent rather than hundreds of units of radiance.
+- "srgb-l1": t = the sRGB transfer curve (unclipped above 1), the space display PSNR is measured in;
+  it weighs dark pixels most.
 Written with tensor methods only, so that importing this module does not import torch.
 """
 
@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch import Tensor
 
+SRGB_KNEE = 0.0031308
+
 
 def log_curve(x: Tensor) -> Tensor:
     """log(1 + x), continued linearly below 0 (slope 1, as at 0) so a negative prediction keeps a gradient."""
@@ -24,11 +26,11 @@ def log_curve(x: Tensor) -> Tensor:
 
 def srgb_curve(x: Tensor) -> Tensor:
     """The sRGB encoding of linear values, unclipped (1.055 x^(1/2.4) - 0.055 continues above 1)."""
-    power = 1.055 * x.clamp(min=0.0031308) ** (1 / 2.4) - 0.055  # clamped: no inf gradient from the unused branch
-    return power.where(x > 0.0031308, 12.92 * x)
+    power = 1.055 * x.clamp(min=SRGB_KNEE) ** (1 / 2.4) - 0.055  # clamped: no inf gradient from the unused branch
+    return power.where(x > SRGB_KNEE, 12.92 * x)
 
 
-CURVES = {"l1": lambda x: x, "log-l1": log_curve, "srgb-l1": srgb_curve}
+CURVES = {"log-l1": log_curve, "l1": lambda x: x, "srgb-l1": srgb_curve}
 LOSSES = tuple(CURVES)
 
 
