@@ -143,7 +143,7 @@ def _interrupt_at(monkeypatch, stage_class, at_step: int) -> None:
 
 
 def test_resume_continues_exactly(dataset, tmp_path, monkeypatch):
-    settings = dict(steps=6, shadow_steps=4, **TINY)
+    settings = {**TINY, "steps": 6, "shadow_steps": 4, "images_per_batch": 2, "loss": "l1"}  # 2 steps per epoch
     train(make_config(dataset, tmp_path / "whole", **settings))
 
     config = make_config(dataset, tmp_path / "parts", **settings)
@@ -153,10 +153,10 @@ def test_resume_continues_exactly(dataset, tmp_path, monkeypatch):
     state = json.loads((tmp_path / "parts/state.json").read_text())
     assert (state["stage"], state["step"], state["finished"]) == (1, 3, False)  # the step under way completed
     with monkeypatch.context() as patch:
-        _interrupt_at(patch, train_module.ShadowStage, 1)
+        _interrupt_at(patch, train_module.ShadowStage, 2)
         assert train(config, resume=True) is None
     state = json.loads((tmp_path / "parts/state.json").read_text())
-    assert (state["stage"], state["step"]) == (2, 2)
+    assert (state["stage"], state["step"]) == (2, 3)
     assert train(config, resume=True) is not None
 
     whole, parts = _tensors(tmp_path / "whole/model.safetensors"), _tensors(tmp_path / "parts/model.safetensors")
