@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 from backend.jobformat import SAMPLINGS
 
-from .losses import LOSSES, reconstruction_loss
+from .losses import LOSSES, PAIRED, paired_loss, reconstruction_loss
 
 if TYPE_CHECKING:
     import torch
@@ -328,9 +328,10 @@ class ShaderStage:
                         for s, p in zip(train, self.prepared, strict=True)]
         self.val_prepared = prepare(val, workers.device)
 
-    def batch(self, step: int):
-        """(pixels, rays, radiance, target) of this rank's step: batch_pixels // images_per_batch pixels per image,
-        drawn with replacement, and for each image a ray set drawn from its HDRI with a seed of its own."""
+    def batch(self, step: int, estimates: int = 1):
+        """(pixels, [(rays, radiance)] x estimates, target) of this rank's step: batch_pixels // images_per_batch
+        pixels per image, drawn with replacement, and for each image `estimates` independent ray sets drawn
+        from its HDRI with seeds of their own."""
         import torch
 
         from backend.sampling import PER_PIXEL, RaySet, make_rays
@@ -347,26 +348,32 @@ class ShaderStage:
             source = prepared.pixels
             pixels = PixelInputs(*(t[index] for t in (source.albedo, source.specular, source.roughness,
                                                       source.normal, source.wo)))
-            ray_seed = int(torch.randint(2**31 - 1, (1,), generator=draw))
-            if config.sampling in PER_PIXEL:
-                rays = make_rays(config.sampling, config.rays, ray_seed, envmap=envmap, normals=pixels.normal,
-                                 wo=pixels.wo, roughness=pixels.roughness, device=device)
-            else:
-                rays = make_rays(config.sampling, config.rays, ray_seed, envmap=envmap, device=device)
-            radiance = envmap.lookup(rays.directions)
-            parts.append((pixels, rays.directions.expand(count, -1, -1), rays.pdf.expand(count, -1),
-                          radiance.expand(count, -1, -1), self.targets[image][index]))
+            ray_sets = []
+            for _ in range(estimates):
+                ray_seed = int(torch.randint(2**31 - 1, (1,), generator=draw))
+                if config.sampling in PER_PIXEL:
+                    rays = make_rays(config.sampling, config.rays, ray_seed, envmap=envmap, normals=pixels.normal,
+                                     wo=pixels.wo, roughness=pixels.roughness, device=device)
+                else:
+                    rays = make_rays(config.sampling, config.rays, ray_seed, envmap=envmap, device=device)
+                ray_sets.append((rays.directions.expand(count, -1, -1), rays.pdf.expand(count, -1),
+                                 envmap.lookup(rays.directions).expand(count, -1, -1)))
+            parts.append((pixels, ray_sets, self.targets[image][index]))
         pixels = PixelInputs(*(torch.cat([getattr(p[0], f.name) for p in parts]) for f in fields(PixelInputs)))
-        directions, pdf, radiance, target = (torch.cat([p[i] for p in parts]) for i in range(1, 5))
-        return pixels, RaySet(directions, pdf), radiance, target
+        ray_sets = [(RaySet(*(torch.cat([p[1][k][i] for p in parts]) for i in range(2))),
+                     torch.cat([p[1][k][2] for p in parts])) for k in range(estimates)]
+        return pixels, ray_sets, torch.cat([p[2] for p in parts])
 
     def loss(self, module, step: int):
         import torch
 
-        pixels, rays, radiance, target = self.batch(step)
+        paired = self.config.loss in PAIRED
+        pixels, ray_sets, target = self.batch(step, estimates=2 if paired else 1)
         with torch.autocast(self.workers.device.type, dtype=torch.bfloat16, enabled=self.config.amp):
-            prediction = module(pixels, rays, radiance)
-        return reconstruction_loss(self.config.loss, prediction, target)
+            predictions = [module(pixels, rays, radiance) for rays, radiance in ray_sets]
+        if paired:
+            return paired_loss(*predictions, target)
+        return reconstruction_loss(self.config.loss, predictions[0], target)
 
     def validate(self, checkpoint: Path) -> dict[str, float]:
         images = render_unshadowed(checkpoint, self.val_prepared, self.val, self.config.val_rays,
