@@ -123,7 +123,8 @@ def render_frame(svc, scene, frame, args, exr_path, png_path):
         job_id, job_json = engine.run_job(svc, scene, workdir, scene.pbnds, frame=frame)
         if job_dir:
             svc.result_exr(job_id, job_dir / "result.exr")
-        save_outputs(scene, svc.result_arrays(job_id), exr_path, png_path)
+        arrays = compositor.add_background(scene, svc.result_arrays(job_id), workdir)
+        save_outputs(scene, arrays, exr_path, png_path)
         if args.cycles_reference:
             render_cycles_reference(scene, args.cycles_reference, png_path.with_name(f"frame_{frame:04d}_cycles.png"))
     finally:

@@ -9,16 +9,32 @@ import os
 import bpy
 import numpy as np
 
+from . import world
+
 OUTPUTS = (("shaded", "PBNDS Shaded"), ("unshadowed", "PBNDS Unshadowed"), ("shadow", "PBNDS Shadow"))
 
 
 def rgba(arrays, name, transparent=False):
-    """A result layer as (H, W, 4) float32, top row first; alpha is the mask when `transparent`."""
+    """A result layer as (H, W, 4) float32, top row first; alpha is the mask when `transparent`.
+
+    The shaded layer of an opaque film shows ``arrays["background"]`` (the world as the camera sees
+    it, see add_background) where no surface was hit, as a Cycles render does.
+    """
     data = arrays[name]
     if data.ndim == 2:
         data = np.repeat(data[..., None], 3, axis=-1)
+    if name == "shaded" and not transparent and "background" in arrays:
+        data = np.where(arrays["mask"][..., None] > 0, data, arrays["background"])
     alpha = arrays["mask"] if transparent else np.ones(data.shape[:2], np.float32)
     return np.concatenate([data, alpha[..., None]], axis=-1).astype(np.float32)
+
+
+def add_background(scene, arrays, workdir):
+    """Unless the film is transparent, put the world as the camera sees it into ``arrays`` for rgba()."""
+    if not scene.render.film_transparent:
+        height, width = arrays["mask"].shape
+        arrays["background"] = world.render_background(scene, os.path.join(workdir, "background.exr"), width, height)
+    return arrays
 
 
 def array_to_image(pixels, name):

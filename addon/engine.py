@@ -13,7 +13,7 @@ import traceback
 import bpy
 import numpy as np
 
-from . import client, gbuffer, preferences, service_process, world
+from . import client, compositor, gbuffer, preferences, service_process, world
 
 # The engine's own passes: name, channel count, channel ids, type. They reach the compositor's
 # Render Layers node and the multilayer EXR like Cycles' passes.
@@ -118,14 +118,15 @@ def shade(engine, depsgraph, scene, width, height):
             engine.update_stats("", f"PBNDS: relighting on {svc.url}")
             svc.wait(job_id, progress=engine.update_progress, cancel_check=engine.test_break)
         arrays = svc.result_arrays(job_id)
+        if arrays["shaded"].shape[:2] != (height, width):
+            raise client.ServiceError(
+                f"PBNDS service returned {arrays['shaded'].shape[1]}x{arrays['shaded'].shape[0]} "
+                f"for a {width}x{height} render"
+            )
+        engine.update_stats("", "PBNDS: rendering the world behind the objects")
+        return compositor.add_background(scene, arrays, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    if arrays["shaded"].shape[:2] != (height, width):
-        raise client.ServiceError(
-            f"PBNDS service returned {arrays['shaded'].shape[1]}x{arrays['shaded'].shape[0]} "
-            f"for a {width}x{height} render"
-        )
-    return arrays
 
 
 def run_job(svc, scene, workdir, settings, width=None, height=None, frame=None, cancel_check=None,
@@ -156,12 +157,10 @@ def write_result(engine, layer_name, width, height, arrays, transparent):
     Render result rows are bottom-up while the service's arrays are top-down: flip.
     """
     if arrays is None:
-        shaded = unshadowed = np.zeros((height, width, 3), np.float32)
-        shadow = alpha = np.zeros((height, width), np.float32)
-    else:
-        shaded, unshadowed, shadow = arrays["shaded"], arrays["unshadowed"], arrays["shadow"]
-        alpha = arrays["mask"] if transparent else np.ones((height, width), np.float32)
-    combined = np.concatenate([shaded, alpha[..., None]], axis=-1)
+        black, zero = np.zeros((height, width, 3), np.float32), np.zeros((height, width), np.float32)
+        arrays = {"shaded": black, "unshadowed": black, "shadow": zero, "mask": zero}
+    combined = compositor.rgba(arrays, "shaded", transparent)
+    unshadowed, shadow = arrays["unshadowed"], arrays["shadow"]
     result = engine.begin_result(0, 0, width, height, layer=layer_name)
     passes = result.layers[0].passes
     for name, data in (("Combined", combined), ("Unshadowed", unshadowed), ("Shadow", shadow)):

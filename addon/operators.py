@@ -98,7 +98,7 @@ class PBNDS_OT_shade_to_compositor(bpy.types.Operator):
             with tempfile.TemporaryDirectory(prefix="pbnds-job-") as workdir:
                 job_id, _ = engine.run_job(svc, scene, workdir, scene.pbnds, frame=scene.frame_current,
                                            progress=lambda f, _message: wm.progress_update(f))
-                arrays = svc.result_arrays(job_id)
+                arrays = compositor.add_background(scene, svc.result_arrays(job_id), workdir)
         except (client.ServiceError, gbuffer.ExportError, gbuffer.ExportCancelled) as exc:
             self.report({"ERROR"}, f"PBNDS: {exc}")
             return {"CANCELLED"}

@@ -42,8 +42,18 @@ def capture_hdri(scene, path, width=512, samples=16, fast=True):
         if pixels is not None:
             write_exr(np.maximum(pixels, 0.0), path, scene)
             return path
-    write_exr(np.maximum(_render_world(scene, world, path, width, samples), 0.0), path, scene)
+    pixels = _render_world(scene, path, width, width // 2, samples, _equirectangular_camera)
+    write_exr(np.maximum(pixels, 0.0), path, scene)
     return path
+
+
+def _equirectangular_camera(temp):
+    """A panoramic camera at the origin, image centre along +X, Z up: the contract's HDRI layout."""
+    cam = bpy.data.objects.new("PBNDS World Camera", bpy.data.cameras.new("PBNDS World Camera"))
+    cam.data.type = "PANO"
+    cam.data.panorama_type = "EQUIRECTANGULAR"
+    cam.rotation_euler = (math.pi / 2, 0.0, -math.pi / 2)
+    return cam
 
 
 def _active_output(tree, idname):
@@ -176,14 +186,39 @@ def _exr_settings(settings):
     settings.exr_codec = "ZIP"
 
 
-def _render_world(scene, world, path, width, samples):
-    """Render the world alone through an equirectangular camera; return its (H, W, 3) pixels."""
+def render_background(scene, path, width, height, samples=4):
+    """The world as the scene's camera sees it, (H, W, 3) top row first, linear.
+
+    The neural result is black where no surface was hit; unless the film is transparent, this is what
+    shows there, as in a Cycles render. A world-only render through a copy of the scene camera, at the
+    scene's pixel aspect, so it is sharp (not a lookup into the job's small HDRI) and follows any
+    world change, which is why relight-only renders it again too. ``path`` names a scratch file.
+    """
+    if scene.world is None:
+        raise ExportError(f"scene '{scene.name}' has no world to render as the background")
+    if scene.camera is None:
+        raise ExportError(f"scene '{scene.name}' has no active camera")
+
+    def camera(temp):
+        temp.render.pixel_aspect_x = scene.render.pixel_aspect_x
+        temp.render.pixel_aspect_y = scene.render.pixel_aspect_y
+        cam = bpy.data.objects.new("PBNDS Background Camera", scene.camera.data.copy())
+        cam.matrix_world = scene.camera.matrix_world.copy()
+        return cam
+
+    return _render_world(scene, Path(path).resolve(), width, height, samples, camera, filter_width=1.5)
+
+
+def _render_world(scene, path, width, height, samples, camera, filter_width=0.01):
+    """Render the world of ``scene`` alone through ``camera(temp_scene)`` -> a new camera object;
+    return its (H, W, 3) pixels. The default ~0-wide filter makes each pixel its centre direction."""
+    world = scene.world
     with preserved(scene):
         temp = bpy.data.scenes.new("PBNDS World Capture")
         temp.world = world
         render = temp.render
         render.engine = "CYCLES"
-        render.resolution_x, render.resolution_y, render.resolution_percentage = width, width // 2, 100
+        render.resolution_x, render.resolution_y, render.resolution_percentage = width, height, 100
         render.film_transparent = False
         render.use_compositing = False
         render.use_sequencer = False
@@ -192,12 +227,9 @@ def _render_world(scene, world, path, width, samples):
         temp.cycles.samples = samples
         temp.cycles.use_denoising = False
         temp.cycles.use_adaptive_sampling = False
-        temp.cycles.filter_width = 0.01
+        temp.cycles.filter_width = filter_width
         temp.cycles.device = scene.cycles.device
-        cam = bpy.data.objects.new("PBNDS World Camera", bpy.data.cameras.new("PBNDS World Camera"))
-        cam.data.type = "PANO"
-        cam.data.panorama_type = "EQUIRECTANGULAR"
-        cam.rotation_euler = (math.pi / 2, 0.0, -math.pi / 2)
+        cam = camera(temp)
         temp.collection.objects.link(cam)
         temp.camera = cam
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -62,12 +62,14 @@ def test_engine_render_fills_combined_and_passes_and_relights(service, tiny_blen
     full = read_exr_parts(tmp_path / "full.exr")
     expected = np.load(tmp_path / "full.npz")
     shaded = np.stack([full[f"Combined.{c}"] for c in "RGB"], -1)
+    fg = expected["mask"] > 0.5
     # the service's arrays are top row first, as the EXR file is: equal means the flip is right
-    np.testing.assert_allclose(shaded, expected["shaded"], atol=1e-5)
+    np.testing.assert_allclose(shaded[fg], expected["shaded"][fg], atol=1e-5)
+    # the film is opaque: where no surface was hit, the world shows (the service's result is black there)
+    assert (~fg).sum() > 10 and shaded[~fg].min() > 0.01 and expected["shaded"][~fg].max() == 0
     np.testing.assert_allclose(np.stack([full[f"Unshadowed.{c}"] for c in "RGB"], -1), expected["unshadowed"],
                                atol=1e-5)
     np.testing.assert_allclose(full["Shadow.X"], expected["shadow"], atol=1e-5)
-    fg = expected["mask"] > 0.5
     assert fg.sum() > 100 and shaded[fg].mean() > 0.01
     relit = read_exr_parts(tmp_path / "relit.exr")
     relit_shaded = np.stack([relit[f"Combined.{c}"] for c in "RGB"], -1)

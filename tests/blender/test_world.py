@@ -38,13 +38,18 @@ def reference(source, width, rotation, strength):
     return source[np.minimum((v * h).astype(int), h - 1), (u * w).astype(int) % w] * strength
 
 
-@pytest.fixture(scope="module")
-def env_scene():
+def new_env_scene():
+    """An empty scene lit by the first bundled HDRI, rotated and scaled."""
     bpy.ops.wm.read_factory_settings(use_empty=True)
     scene = bpy.context.scene
     scene.world = dataset._hdri_world(dataset.bundled_hdris()[0], ROTATION)
     scene.world.node_tree.nodes["Background"].inputs["Strength"].default_value = STRENGTH
     return scene
+
+
+@pytest.fixture(scope="module")
+def env_scene():
+    return new_env_scene()
 
 
 def test_render_path_matches_source_lookup(tmp_path, env_scene):
@@ -102,3 +107,31 @@ def test_negative_texels_are_clamped(tmp_path, fast):
     scene.world = dataset._hdri_world(forest, 0.0)
     captured = read_exr(world.capture_hdri(scene, tmp_path / "forest.exr", width=256, samples=1, fast=fast))[""]
     assert captured.min() >= 0 and captured.max() > 1
+
+
+def test_background_is_the_world_a_cycles_render_of_the_camera_shows(tmp_path):
+    """render_background (the backdrop behind the neural image) against Cycles rendering the same,
+    object-free scene: same camera (lens, shift, pixel aspect) and orientation."""
+    scene = new_env_scene()
+    cam = bpy.data.objects.new("Camera", bpy.data.cameras.new("Camera"))
+    scene.collection.objects.link(cam)
+    cam.location = (1.0, -2.0, 1.5)
+    cam.rotation_euler = (math.radians(80), 0.0, math.radians(30))
+    cam.data.lens, cam.data.shift_x = 35.0, 0.15
+    scene.camera = cam
+    render = scene.render
+    render.engine, render.resolution_x, render.resolution_y, render.resolution_percentage = "CYCLES", 48, 32, 100
+    render.pixel_aspect_x = 1.5
+    render.film_transparent = False
+    scene.cycles.samples = 64  # both renders anti-alias a detailed HDRI: enough samples to agree closely
+    render.image_settings.file_format = "OPEN_EXR"
+    render.filepath = str(tmp_path / "cycles.exr")
+    bpy.ops.render.render(write_still=True)
+    cycles = read_exr(tmp_path / "cycles.exr")[""][..., :3]
+    objects = len(bpy.data.objects)
+
+    background = world.render_background(scene, tmp_path / "background.exr", 48, 32, samples=64)
+    assert background.shape == (32, 48, 3)
+    assert log_error(background, cycles) < 0.01
+    assert log_error(background[:, ::-1], cycles) > 0.05  # the comparison can see a mirrored view
+    assert len(bpy.data.objects) == objects and not (tmp_path / "background.capture.exr").exists()
