@@ -106,8 +106,8 @@ def shade(engine, depsgraph, scene, width, height):
             try:
                 job_id = svc.relight(cached[2], hdri, relight_options(options))
             except client.ServiceError as exc:
-                if exc.status != 404:
-                    raise  # on 404 the service no longer holds that G-buffer: render it again
+                if exc.status not in (404, 409):
+                    raise  # 404: the job is forgotten, 409: its G-buffer was evicted; either way render it again
         if job_id is None:
             if settings.relight_only:
                 engine.report({"INFO"}, "PBNDS: no cached G-buffer for this view: rendering it")
