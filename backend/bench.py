@@ -296,7 +296,7 @@ def optimisation_steps(args: argparse.Namespace, repeat: int) -> str:
             lines.append(f"| {label} | {ms:.0f} | {base / ms:.1f}x |")
             print(lines[-1], file=sys.stderr)
         shadow = new_model("default").shadow.eval()
-        images = [torch.rand(1, c, 512, 512) for c in (3, 3, 3, 1, 1, 1)]
+        images = [torch.rand(1, c, 512, 512) for c in (3, 3, 3, 1, 1, 1, 1)]  # the last: visibility
         for label, memory_format in (("shadow net 512x512, NCHW", torch.contiguous_format),
                                      ("shadow net 512x512, channels_last", torch.channels_last)):
             shadow.to(memory_format=memory_format)

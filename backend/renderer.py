@@ -22,12 +22,13 @@ import numpy as np
 import torch
 
 from . import fastpath
-from .camera import view_directions
+from .camera import view_directions, world_positions
 from .envmap import EnvironmentMap
-from .jobformat import GBuffer, Job, Options, Result
+from .jobformat import Camera, GBuffer, Job, Options, Result
 from .models import ShadingModel, load_model
 from .sampling import PER_PIXEL, make_rays
 from .shaders import PixelInputs
+from .visibility import light_directions, screen_space_visibility
 
 Progress = Callable[[float], None]
 CancelCheck = Callable[[], bool]
@@ -60,12 +61,15 @@ class PreparedGBuffer:
     width: int
     index: torch.Tensor  # (P,) flat indices of foreground pixels
     pixels: PixelInputs
-    images: dict[str, torch.Tensor]  # (1, C, H, W) inputs of the shadow net
+    images: dict[str, torch.Tensor]  # (1, C, H, W) inputs of the shadow net, and world positions
     mask: np.ndarray
+    camera: Camera
 
     @classmethod
-    def build(cls, gbuffer: GBuffer, wo: np.ndarray, device: torch.device) -> PreparedGBuffer:
+    def build(cls, gbuffer: GBuffer, camera: Camera, device: torch.device) -> PreparedGBuffer:
         height, width = gbuffer.size
+        wo = view_directions(camera, width, height)
+        position = gbuffer.position if gbuffer.position is not None else world_positions(camera, gbuffer.depth)
         index = np.flatnonzero(gbuffer.foreground)
 
         def pick(array: np.ndarray) -> torch.Tensor:
@@ -81,7 +85,17 @@ class PreparedGBuffer:
             return torch.from_numpy(array).permute(2, 0, 1)[None].to(device)
 
         images = {name: image(getattr(gbuffer, name)) for name in ("albedo", "normal", "ao", "depth", "mask")}
-        return cls(height, width, torch.from_numpy(index).to(device), pixels, images, gbuffer.mask)
+        images["position"] = image(position)
+        return cls(height, width, torch.from_numpy(index).to(device), pixels, images, gbuffer.mask, camera)
+
+    def visibility(self, envmap: EnvironmentMap, rotation: float = 0.0) -> torch.Tensor:
+        """The screen-space direct-light visibility (1, 1, H, W) under the HDRI rotated by `rotation` about +Z."""
+        directions, weights = light_directions(envmap)
+        if rotation:
+            directions = rotate_z(directions, rotation)
+        images = self.images
+        return screen_space_visibility(images["position"], images["normal"], images["depth"], images["mask"],
+                                       self.camera, directions, weights)
 
 
 def chunk_pixels(model: ShadingModel, rays: int, device: torch.device) -> int:
@@ -165,8 +179,7 @@ class Renderer:
         return self._fast_shaders[spec]
 
     def prepare(self, job: Job) -> PreparedGBuffer:
-        wo = view_directions(job.camera, job.width, job.height)
-        return PreparedGBuffer.build(job.gbuffer, wo, self.device)
+        return PreparedGBuffer.build(job.gbuffer, job.camera, self.device)
 
     def render(self, job: Job, *, progress: Progress | None = None, cancel: CancelCheck | None = None) -> Result:
         started = time.perf_counter()
@@ -222,7 +235,7 @@ class Renderer:
 
         self._chunks(model, len(prepared.pixels), options.rays, cancel, progress, work)
         timings["shade_ms"] = (time.perf_counter() - started) * 1e3
-        return self._finish(prepared, colour, model, options, timings, progress)
+        return self._finish(prepared, colour, model, options, envmap, 0.0, timings, progress)
 
     # -- relighting -----------------------------------------------------------------------------------
 
@@ -284,12 +297,12 @@ class Renderer:
             colour = (cache.weights * radiance).sum(-1).T
         timings["shade_ms"] = (time.perf_counter() - started) * 1e3
         model = self.model(options.model)
-        return self._finish(cache.prepared, colour.contiguous(), model, options, timings, progress)
+        return self._finish(cache.prepared, colour.contiguous(), model, options, envmap, rotation, timings, progress)
 
     # -- the image-space part -------------------------------------------------------------------------
 
     def _finish(self, prepared: PreparedGBuffer, colour: torch.Tensor, model: ShadingModel, options: Options,
-                timings: dict, progress: Progress | None) -> Result:
+                envmap: EnvironmentMap, rotation: float, timings: dict, progress: Progress | None) -> Result:
         """Scatter the shaded pixels into an image, apply the shadow estimator, and build the result."""
         started = time.perf_counter()
         height, width = prepared.height, prepared.width
@@ -299,9 +312,11 @@ class Renderer:
         shaded, shadow = unshadowed, torch.ones(height, width, device=self.device)
         if options.shadows and model.shadow is not None:
             images = prepared.images
+            visibility = prepared.visibility(envmap, rotation) if model.shadow.visibility else None
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
                 shadow_image, indirect = model.shadow(unshadowed.permute(2, 0, 1)[None], images["albedo"],
-                                                      images["normal"], images["ao"], images["depth"], images["mask"])
+                                                      images["normal"], images["ao"], images["depth"], images["mask"],
+                                                      visibility)
             shadow_image, indirect = shadow_image.float(), indirect.float()
             mask = images["mask"][0, 0] > 0
             shadow = torch.where(mask, shadow_image[0, 0], 1.0)

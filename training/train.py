@@ -294,11 +294,9 @@ def shading_target(sample: Sample):
 
 
 def prepare(samples: list[Sample], device: torch.device) -> list[PreparedGBuffer]:
-    from backend.camera import view_directions
     from backend.renderer import PreparedGBuffer
 
-    return [PreparedGBuffer.build(s.job.gbuffer, view_directions(s.job.camera, s.job.width, s.job.height), device)
-            for s in samples]
+    return [PreparedGBuffer.build(s.job.gbuffer, s.job.camera, device) for s in samples]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -399,6 +397,7 @@ class ShadowStage:
         """stage_one: the checkpoint of stage one; its images are rendered with the rays stage one used."""
         import torch
 
+        from backend.envmap import EnvironmentMap
         from backend.models import load_checkpoint
 
         self.config, self.workers = config, workers
@@ -418,8 +417,12 @@ class ShadowStage:
             for p, image, sample in zip(prepared, unshadowed, samples, strict=True):
                 images = {"unshadowed": image, "target": sample.gt_full}
                 images = {k: torch.from_numpy(v).permute(2, 0, 1)[None].to(workers.device) for k, v in images.items()}
+                if model.shadow.visibility:
+                    images["visibility"] = p.visibility(EnvironmentMap(sample.job.hdri, workers.device))
                 out.append({**p.images, **images})
             return out
+
+        self.inputs = (*SHADOW_INPUTS, "visibility") if model.shadow.visibility else SHADOW_INPUTS
 
         self.train = tensors(train, "stage 2: shading the training images")
         self.val = tensors(val, "stage 2: shading the validation images")
@@ -446,9 +449,9 @@ class ShadowStage:
                 window = (..., slice(top, top + config.shadow_crop), slice(left, left + config.shadow_crop))
                 tensors = {k: v[window] for k, v in tensors.items()}
             crops.append(tensors)
-        batch = {k: torch.cat([c[k] for c in crops]) for k in (*SHADOW_INPUTS, "target")}
+        batch = {k: torch.cat([c[k] for c in crops]) for k in (*self.inputs, "target")}
         with torch.autocast(self.workers.device.type, dtype=torch.bfloat16, enabled=config.amp):
-            shadow, indirect = module(*(batch[k] for k in SHADOW_INPUTS))
+            shadow, indirect = module(*(batch[k] for k in self.inputs))
         prediction = composite(batch["unshadowed"], shadow.float(), indirect.float(), batch["mask"])
         return reconstruction_loss(config.loss, prediction, batch["target"], batch["mask"])
 
@@ -458,7 +461,7 @@ class ShadowStage:
         predictions, targets, masks = [], [], []
         with torch.no_grad():
             for tensors in self.val:
-                shadow, indirect = self.module(*(tensors[k] for k in SHADOW_INPUTS))
+                shadow, indirect = self.module(*(tensors[k] for k in self.inputs))
                 image = composite(tensors["unshadowed"], shadow, indirect, tensors["mask"])
                 predictions.append(image[0].permute(1, 2, 0).cpu().numpy())
                 targets.append(tensors["target"][0].permute(1, 2, 0).cpu().numpy())

@@ -119,6 +119,7 @@ def test_two_stages_learn_and_the_model_reloads(dataset, tmp_path):
     rays = make_rays("uniform", 16, 3)
     radiance = torch.rand(1, 16, 3)
     images = [prepared.images[k] for k in ("albedo", "normal", "ao", "depth", "mask")]
+    images.append(torch.rand(1, 1, SIZE, SIZE))  # the visibility input of the default shadow net
     unshadowed = torch.rand(1, 3, SIZE, SIZE)
     with torch.no_grad():
         pixels = prepared.pixels
