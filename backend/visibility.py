@@ -12,12 +12,15 @@ that lands behind a foreground surface (within a thickness) is blocked. The inpu
 the visible share of the pixel's cosine-weighted direct light, 1 where nothing blocks. What the
 camera does not see (off-screen occluders, the backs of objects) cannot block: the network corrects
 what it can. Lengths scale with the median foreground depth, so the feature does not depend on the
-scene's units.
+scene's units. To keep the march affordable (it depends on the lighting, so a relight cannot cache it),
+one foreground pixel per BLOCK x BLOCK block marches and the block shares which lights it found blocked;
+each pixel keeps its own cosine weights.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .envmap import EnvironmentMap
 from .jobformat import Camera
@@ -28,7 +31,8 @@ STEPS = 8  # march steps per direction
 REACH = 0.5  # march length, x median foreground depth
 THICKNESS = 0.1  # a surface blocks points up to this far behind it, x median foreground depth
 OFFSET = 0.005  # start this far off the surface along its normal, x the pixel's depth
-CHUNK = 1024  # pixels at a time (small chunks stay in cache: ~2x faster than 32k on this CPU)
+BLOCK = 2  # one pixel per BLOCK x BLOCK block marches (4x fewer marches)
+CHUNK = 1024  # marching pixels at a time (small chunks stay in cache: ~2x faster than 32k on this CPU)
 LUMINANCE = (0.2126, 0.7152, 0.0722)
 
 
@@ -42,18 +46,28 @@ def light_directions(envmap: EnvironmentMap, count: int = LIGHTS, seed: int = 0)
 
 def screen_space_visibility(position: torch.Tensor, normal: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor,
                             camera: Camera, directions: torch.Tensor, weights: torch.Tensor,
-                            steps: int = STEPS, chunk: int = CHUNK) -> torch.Tensor:
+                            steps: int = STEPS, chunk: int = CHUNK, block: int = BLOCK) -> torch.Tensor:
     """Visibility (1, 1, H, W) in [0, 1] from world positions and normals (1, 3, H, W), view-axis depth and
-    mask (1, 1, H, W); 1 on the background. Pixels go `chunk` at a time (memory: chunk x K x steps floats)."""
+    mask (1, 1, H, W); 1 on the background. Marching pixels go `chunk` at a time (memory: chunk x K x steps
+    floats)."""
     device = position.device
     height, width = depth.shape[-2:]
     foreground = mask[0, 0] > 0
     fg = foreground.flatten()
     scale = depth[0, 0][foreground].median() if foreground.any() else depth.new_tensor(1.0)
-    points = position[0].flatten(1).T[fg]  # (P, 3)
-    normals = normal[0].flatten(1).T[fg]
-    start = points + normals * (OFFSET * depth[0, 0].flatten()[fg])[:, None]
-    depth_map = torch.where(foreground, depth[0, 0], torch.inf).flatten()
+    normals = normal[0].flatten(1).T[fg]  # (P, 3)
+    # The marching pixel of each block: its first foreground pixel; `marcher[i]`: the one pixel i follows.
+    rows, cols = torch.nonzero(foreground, as_tuple=True)
+    block_of = (rows // block) * -(-width // block) + cols // block
+    blocks, marcher = torch.unique(block_of, return_inverse=True)
+    first = torch.full((len(blocks),), len(rows), device=device).scatter_reduce_(
+        0, marcher, torch.arange(len(rows), device=device), "amin")
+    march_pixels = fg.nonzero()[first, 0]
+    start = (position[0].flatten(1).T[march_pixels]
+             + normal[0].flatten(1).T[march_pixels] * (OFFSET * depth[0, 0].flatten()[march_pixels])[:, None])
+    # Background and a one-pixel border beyond the image are infinitely far: a march step that leaves
+    # the image (or goes behind the camera: its coordinates clamp onto the border) is never blocked.
+    depth_map = F.pad(torch.where(foreground, depth[0, 0], torch.inf), (1, 1, 1, 1), value=torch.inf).flatten()
     # Homogeneous transforms are linear: clip(start + t d) = clip(start) + t clip(d, w=0); the same for
     # the view-axis depth (the camera looks down its -Z). Rows: clip x, clip y, clip w, view depth.
     world_to_camera = torch.as_tensor(camera.world_to_camera, dtype=torch.float32, device=device)
@@ -61,22 +75,18 @@ def screen_space_visibility(position: torch.Tensor, normal: torch.Tensor, depth:
                                @ world_to_camera)[[0, 1, 3]], -world_to_camera[2]])  # (4, 4)
     distances = REACH * scale * ((torch.arange(steps, device=device) + 1) / steps) ** 2  # denser near the surface
     along = ((directions @ to_screen[:, :3].T).T[:, :, None] * distances)[:, None]  # (4, 1, K, S): the march
-    light = (normals @ directions.T).clamp(min=0) * weights  # (P, K): cosine-weighted direct light
-    share = torch.ones(len(points), device=device)
-    for lo in range(0, len(points), chunk):
-        hi = min(lo + chunk, len(points))
-        x, y, w, view_depth = (start[lo:hi] @ to_screen[:, :3].T + to_screen[:, 3]).T[:, :, None, None] + along
-        inside = w > 0
+    free = torch.empty(len(start), len(directions), dtype=torch.bool, device=device)  # (M, K): nothing blocks
+    for lo in range(0, len(start), chunk):
+        hi = min(lo + chunk, len(start))
+        x, y, w, view_depth = (to_screen[:, :3] @ start[lo:hi].T + to_screen[:, 3:])[:, :, None, None] + along
         w = w.clamp_(min=1e-8)
-        col = x.div_(w).add_(1).mul_(width / 2).floor_()
-        row = y.div_(w).neg_().add_(1).mul_(height / 2).floor_()
-        inside &= (col >= 0) & (col < width) & (row >= 0) & (row < height)
-        surface = depth_map[(row.clamp_(0, height - 1) * width + col.clamp_(0, width - 1)).long()]
-        behind = view_depth - surface
-        blocked = inside & (behind > 0.01 * view_depth) & (behind < THICKNESS * scale)
-        total = light[lo:hi].sum(-1)
-        visible = (light[lo:hi] * (~blocked.any(-1))).sum(-1)
-        share[lo:hi] = torch.where(total > 0, visible / total.clamp(min=1e-12), 1.0)
+        col = x.div_(w).add_(1).mul_(width / 2).floor_().clamp_(-1, width).add_(1)  # in the padded map
+        row = y.div_(w).neg_().add_(1).mul_(height / 2).floor_().clamp_(-1, height).add_(1)
+        behind = view_depth - depth_map[row.mul_(width + 2).add_(col).long()]
+        free[lo:hi] = ~((behind > 0.01 * view_depth) & (behind < THICKNESS * scale)).any(-1)
+    light = (normals @ directions.T).clamp(min=0) * weights  # (P, K): cosine-weighted direct light
+    total = light.sum(-1)
+    share = torch.where(total > 0, (light * free[marcher]).sum(-1) / total.clamp(min=1e-12), 1.0)
     out = torch.ones(height * width, device=device)
     out[fg] = share
     return out.view(1, 1, height, width)

@@ -11,6 +11,7 @@ from backend.models import build_shadow
 from backend.renderer import PreparedGBuffer
 from backend.shadow import ShadowNet
 from backend.synthetic import Plane, demo_scene_job, trace
+from backend.visibility import light_directions, screen_space_visibility
 
 HEIGHT = 64
 SPHERES = [((-1.1, 0.0, 0.5), 0.5), ((0.0, 0.4, 0.5), 0.5), ((1.1, 0.0, 0.5), 0.5)]  # demo_scene_job's
@@ -73,6 +74,17 @@ def test_a_rotated_hdri_casts_the_shadows_of_rotating_the_map():
     assert (by_rotation < 0.5).float().mean() > 0.02  # the rotated sun still casts shadows on screen
     assert ((by_rotation < 0.5) == (of_rotated_map < 0.5)).float().mean() > 0.99
     assert ((by_rotation < 0.5) != (prepared.visibility(envmap) < 0.5)).float().mean() > 0.02  # and they moved
+
+
+def test_marching_one_pixel_per_block_agrees_with_marching_every_pixel():
+    hdri, _ = sun_hdri(26, 80)
+    job = demo_scene_job(128, 96, hdri=hdri)
+    images = PreparedGBuffer.build(job.gbuffer, job.camera, "cpu").images
+    directions, weights = light_directions(EnvironmentMap(hdri))
+    inputs = (images["position"], images["normal"], images["depth"], images["mask"], job.camera, directions, weights)
+    every, shared = screen_space_visibility(*inputs, block=1), screen_space_visibility(*inputs, block=2)
+    assert (every < 0.5).float().mean() > 0.02  # there are shadows to agree on (3% of the frame)
+    assert ((every < 0.5) == (shared < 0.5)).float().mean() > 0.97 and (every - shared).abs().mean() < 0.02
 
 
 def test_the_shadow_net_checks_its_visibility_input():
