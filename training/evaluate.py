@@ -43,6 +43,17 @@ def model_label(spec: str) -> str:
     return f"{path.parent.name}/{path.stem}" if spec.endswith(".safetensors") or "/" in spec else spec
 
 
+def scoring_sampling(model) -> str:
+    """The ray set a model is scored with: the job default (MIS) for shaders that weight each ray by its
+    pdf; the paper's shader learns a plain mean over rays, so it gets the set it was trained with
+    (uniform, the paper's, when untrained)."""
+    from backend.jobformat import Options
+
+    if model.shader.unbiased:
+        return Options.sampling
+    return model.info.get("training", {}).get("config", {}).get("sampling", "uniform")
+
+
 def cycles_label(low: dict) -> str:
     return f"cycles-{low['samples']}spp" + ("+denoise" if low["denoise"] else "")
 
@@ -107,7 +118,7 @@ def evaluate_split(split: str, samples: list, specs: list[str], renderer, rays: 
 
     for spec in specs:
         label = model_label(spec)
-        options = Options(model=spec, rays=rays)
+        options = Options(model=spec, rays=rays, sampling=scoring_sampling(renderer.model(spec)))
         samples[0].job.options = options
         renderer.render(samples[0].job)  # warm-up: first-call allocations and kernel setup stay out of the times
         for index, sample in enumerate(samples):

@@ -115,3 +115,14 @@ def test_bad_model_fails_before_rendering(tmp_path):
     with pytest.raises(ValueError, match="nonsense"):
         args.handler(args)
     assert evaluate.model_label("runs/a/best.safetensors") == "a/best" and evaluate.model_label("ggx") == "ggx"
+
+
+def test_each_shader_is_scored_with_rays_it_can_use():
+    """pdf-weighted shaders get MIS; the paper's plain mean over rays gets the set it was trained with."""
+    from backend.models import new_model
+
+    assert evaluate.scoring_sampling(new_model("default")) == evaluate.scoring_sampling(new_model("ggx")) == "mis"
+    paper = new_model("pbnds-paper")
+    assert evaluate.scoring_sampling(paper) == "uniform"
+    paper.info["training"] = {"config": {"sampling": "stratified"}}
+    assert evaluate.scoring_sampling(paper) == "stratified"
