@@ -48,7 +48,7 @@ def screen_space_visibility(position: torch.Tensor, normal: torch.Tensor, depth:
                             camera: Camera, directions: torch.Tensor, weights: torch.Tensor,
                             steps: int = STEPS, chunk: int = CHUNK, block: int = BLOCK) -> torch.Tensor:
     """Visibility (1, 1, H, W) in [0, 1] from world positions and normals (1, 3, H, W), view-axis depth and
-    mask (1, 1, H, W); 1 on the background. Marching pixels go `chunk` at a time (memory: chunk x K x steps
+    mask (1, 1, H, W); 1 on the background. Marching pixels go `chunk` at a time (memory: 4 x chunk x K x steps
     floats)."""
     device = position.device
     height, width = depth.shape[-2:]
