@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .envmap import EnvironmentMap
+from .envmap import EnvironmentMap, luminance
 from .jobformat import Camera
 from .sampling import make_rays
 
@@ -33,15 +33,13 @@ THICKNESS = 0.1  # a surface blocks points up to this far behind it, x median fo
 OFFSET = 0.005  # start this far off the surface along its normal, x the pixel's depth
 BLOCK = 2  # one pixel per BLOCK x BLOCK block marches (4x fewer marches)
 CHUNK = 1024  # marching pixels at a time (small chunks stay in cache: ~2x faster than 32k on this CPU)
-LUMINANCE = (0.2126, 0.7152, 0.0722)
 
 
 def light_directions(envmap: EnvironmentMap, count: int = LIGHTS, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(directions (K, 3), weights (K,)): importance samples of the HDRI's luminance and their luminance / pdf."""
     rays = make_rays("importance", count, seed, envmap=envmap, device=envmap.device)
     directions = rays.directions.reshape(-1, 3)
-    luminance = envmap.lookup(directions) @ torch.tensor(LUMINANCE, device=envmap.device)
-    return directions, luminance / rays.pdf.reshape(-1).clamp(min=1e-12)
+    return directions, luminance(envmap.lookup(directions)) / rays.pdf.reshape(-1).clamp(min=1e-12)
 
 
 def screen_space_visibility(position: torch.Tensor, normal: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor,
