@@ -23,7 +23,8 @@ path, or null for a world), "rotation_z" (radians, the Mapping rotation of the H
 ``sequence``)}]}``, paths relative to ``out_dir``.
 
 Lighting: each entry of ``hdris`` is None (the scene's world), an HDRI file path (an Environment
-Texture world rotated about Z at random per sample) or a ``bpy.types.World`` used as it is. With
+Texture world rotated about Z at random per sample) or a ``bpy.types.World`` used as it is, with the
+light objects that belong to it (:func:`select_lamps`). With
 ``sequence=True`` the entries are consecutive frames of one animation and each sample records its
 index as "frame".
 
@@ -113,6 +114,7 @@ def export_dataset(scene, out_dir, *, views=4, hdris=(None,), orbit=True, gt_sam
                         temp.world = _hdri_world(hdri, rotation)
                     elif hdri is not None:
                         temp.world = hdri
+                        select_lamps(temp, hdri)
                     temp.cycles.seed = (seed * 1000 + done) % 2**31
                     _export_sample(temp, folder, width, height, gt_samples, gbuffer_samples, denoise,
                                    hdri_width, cancel_check, low)
@@ -122,6 +124,17 @@ def export_dataset(scene, out_dir, *, views=4, hdris=(None,), orbit=True, gt_sam
     if progress is not None:
         progress(1.0, f"Dataset written: {out_dir}")
     return out_dir / "dataset.json"
+
+
+def select_lamps(scene, world):
+    """Render only the light objects that belong to the lighting ``world``.
+
+    A light object with a ``pbnds_lighting`` custom property belongs to the world of that name (the
+    procedural generator's lamp lightings); others are left alone. Object flags are restored by preserved().
+    """
+    for ob in scene.objects:
+        if "pbnds_lighting" in ob:
+            ob.hide_render = ob["pbnds_lighting"] != world.name
 
 
 def _export_sample(temp, folder, width, height, gt_samples, gbuffer_samples, denoise, hdri_width,

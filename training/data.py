@@ -22,7 +22,8 @@ import numpy as np
 from backend.exrio import ExrError, read_exr
 from backend.jobformat import Job, JobError, load_job
 
-SPLITS = ("train", "val", "test", "relight", "anim")
+SPLITS = ("train", "val", "test", "relight", "anim", "lamps")
+OPTIONAL_SPLITS = ("lamps",)  # absent from datasets made before it existed
 SPLITS_FORMAT = "pbnds-splits"
 DATASET_FORMAT = "pbnds-dataset"
 
@@ -71,7 +72,7 @@ def splits(root) -> dict[str, list[str]]:
                            f"{data.get('format')!r} version {data.get('version')!r}")
     table = {}
     for key in SPLITS:
-        scenes = data.get(key)
+        scenes = data.get(key, [] if key in OPTIONAL_SPLITS else None)
         if not isinstance(scenes, list) or not all(isinstance(s, str) for s in scenes):
             raise DatasetError(f"{path}: '{key}' must be a list of scene folder names")
         table[key] = scenes

@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SPLIT_ORDER = ("test", "relight", "anim", "val", "train")
+SPLIT_ORDER = ("test", "relight", "anim", "lamps", "val", "train")
 ANIM_STEP_DEGREES = 4.0
 
 
@@ -40,6 +40,10 @@ def add_parser(commands) -> None:
     gen.add_argument("--views", type=int, default=3, help="orbit views per scene (default 3)")
     gen.add_argument("--hdris", type=int, default=2, help="lightings per scene (default 2)")
     gen.add_argument("--anim-frames", type=int, default=8, help="frames of the 'anim' split (0: none)")
+    gen.add_argument("--lamps", type=int, default=0,
+                     help="scenes of the 'lamps' split: lit by light objects and real-size suns, seeds of their own")
+    gen.add_argument("--lamp-share", type=float, default=0.0,
+                     help="share of train/val lightings replaced by lamp lightings (default 0, as gen-v1)")
     add_render_arguments(gen)
     gen.set_defaults(handler=cmd_generate)
 
@@ -79,10 +83,10 @@ def plan(args) -> list[dict]:
     from .scenes import HELD_OUT_HDRIS
 
     render = render_settings(args)
-    counts = {"test": args.test, "val": args.val, "train": args.scenes}
+    counts = {"test": args.test, "val": args.val, "train": args.scenes, "lamps": args.lamps}
     ids = {}
     start = 0
-    for split in ("test", "val", "train"):
+    for split in ("test", "val", "train", "lamps"):  # new splits last: earlier scenes keep their seeds
         ids[split] = range(start, start + counts[split])
         start += counts[split]
 
@@ -90,6 +94,7 @@ def plan(args) -> list[dict]:
         folder = f"{split}/scene_{scene_id:05d}"
         return {"kind": "scene", "folder": folder, "split": split, "scene_seed": args.seed * 1_000_000 + scene_id,
                 "lighting": lighting, "views": views, "lightings": args.hdris, "anim_frames": args.anim_frames,
+                "lamp_share": args.lamp_share if split in ("train", "val") else 0.0,
                 "low_samples": render["low_samples"] if low else [], "render": render,
                 "samples": views * (args.anim_frames if lighting == "anim" else
                                     len(HELD_OUT_HDRIS) if lighting == "relight" else args.hdris)}
@@ -98,6 +103,7 @@ def plan(args) -> list[dict]:
     tasks += [task("relight", i, "relight", args.views, True) for i in ids["test"]]
     if args.anim_frames and args.test:
         tasks.append(task("anim", ids["test"][0], "anim", 1, False))
+    tasks += [task("lamps", i, "lamps", args.views, False) for i in ids["lamps"]]
     tasks += [task("val", i, "scene", args.views, False) for i in ids["val"]]
     tasks += [task("train", i, "scene", args.views, False) for i in ids["train"]]
     return tasks
@@ -260,9 +266,11 @@ def lightings_for(task: dict, description: dict) -> tuple[list[dict], bool]:
     import math
     import random
 
-    from .scenes import HELD_OUT_HDRIS
+    from .scenes import HELD_OUT_HDRIS, lamp_lighting
 
     rng = random.Random(f"pbnds-{task['lighting']}:{task['scene_seed']}")
+    if task["lighting"] == "lamps":
+        return [lamp_lighting(rng, training_hdris()) for _ in range(task["lightings"])], False
     if task["lighting"] == "relight":
         return [{"type": "hdri", "hdri": name, "rotation_z": rng.uniform(0, 2 * math.pi), "exposure": 1.0}
                 for name in HELD_OUT_HDRIS], False
@@ -271,7 +279,9 @@ def lightings_for(task: dict, description: dict) -> tuple[list[dict], bool]:
         hdri = hdri or {"type": "hdri", "hdri": rng.choice(training_hdris()), "rotation_z": 0.0, "exposure": 1.0}
         step = math.radians(ANIM_STEP_DEGREES)
         return [{**hdri, "rotation_z": hdri["rotation_z"] + k * step} for k in range(task["anim_frames"])], True
-    return description["lightings"], False
+    share = task.get("lamp_share", 0.0)
+    return [lamp_lighting(rng, training_hdris()) if share and rng.random() < share else lighting
+            for lighting in description["lightings"]], False
 
 
 def _render_scene(task: dict) -> dict:

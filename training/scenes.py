@@ -10,7 +10,8 @@ with a noise, checker, voronoi or wave texture mixing two base colours or two ro
 Lighting kinds: "hdri" (one of Blender's bundled studio-light HDRIs, rotated about Z, its strength
 normalising the HDRI's mean radiance to ``HDRI_MEAN`` x an exposure of 0.5-2), "sky" (Nishita
 multiple-scattering sky with a sun disc of 2.5-4 degrees, random sun elevation and azimuth) and
-"gradient" (a ground/horizon/zenith colour ramp plus a soft coloured key-light lobe). The sun disc
+"gradient" (a ground/horizon/zenith colour ramp plus a soft coloured key-light lobe); and
+"lamps" (:func:`lamp_lighting`: real lights, for the "lamps" split and a share of the training data). The sun disc
 is widened from Blender's 0.5 degrees so that the job's 512-wide HDRI capture (one direction per
 texel) still holds its energy to within a few percent (at 2 degrees errors reached 20%).
 """
@@ -66,6 +67,62 @@ def _lighting(rng: random.Random, hdris: list[str]) -> dict:
                               math.sin(elevation)]}
 
 
+def _aim(rng: random.Random, distance: tuple[float, float], elevation: tuple[float, float]) -> dict:
+    """A place on a sphere around the scene's centre, and the unit direction from there to the centre."""
+    elev, azimuth, d = math.radians(rng.uniform(*elevation)), rng.uniform(0, 2 * math.pi), rng.uniform(*distance)
+    towards_light = [math.cos(elev) * math.cos(azimuth), math.cos(elev) * math.sin(azimuth), math.sin(elev)]
+    return {"location": [d * c for c in towards_light], "direction": [-c for c in towards_light], "distance": d}
+
+
+def _lamp(rng: random.Random, kind: str, irradiance: float) -> dict:
+    """A light object aimed at the scene centre, its power set for about ``irradiance`` W/m^2 there.
+
+    Blender's units as Cycles renders them: a Sun's strength is the irradiance itself; a point or spot
+    of power P has intensity P / (4 pi^2) W/sr at the centre of its cone... (docs/addon.md); an area
+    light of power P emits radiance P / (pi A) (times its spread), about P / (pi d^2) at distance d.
+    """
+    color = _color(rng, (0.0, 0.3), (1.0, 1.0))
+    if kind in ("sun", "soft_sun"):
+        angle = math.radians(0.545 if kind == "sun" else rng.uniform(3.0, 12.0))
+        place = _aim(rng, (1.0, 1.0), (15, 70))
+        return {"type": "SUN", "color": color, "direction": place["direction"], "angle": angle,
+                "energy": irradiance}
+    place = _aim(rng, (2.5, 5.0), (20, 65))
+    lamp = {"color": color, "location": place["location"], "direction": place["direction"]}
+    if kind == "area":
+        shape = rng.choice(("SQUARE", "RECTANGLE", "DISK", "ELLIPSE"))
+        size = rng.uniform(0.3, 2.0)
+        size_y = size * rng.uniform(0.3, 1.0) if shape in ("RECTANGLE", "ELLIPSE") else size
+        return {**lamp, "type": "AREA", "shape": shape, "size": size, "size_y": size_y,
+                "energy": irradiance * math.pi * place["distance"] ** 2}
+    power = irradiance * 4 * math.pi ** 2 * place["distance"] ** 2
+    if kind == "spot":
+        return {**lamp, "type": "SPOT", "spot_size": math.radians(rng.uniform(30, 90)),
+                "spot_blend": rng.uniform(0.0, 1.0), "radius": rng.uniform(0.0, 0.2), "energy": power}
+    return {**lamp, "type": "POINT", "radius": rng.uniform(0.0, 0.3), "energy": power}
+
+
+LAMP_SETUPS = ("sky_sun", "sun", "soft_sun", "area", "spot", "point")
+
+
+def lamp_lighting(rng: random.Random, hdris: list[str] | tuple[str, ...]) -> dict:
+    """Real lights: a Nishita sky with a real-size sun (0.545 deg), or a dim HDRI fill plus light objects
+    (a sharp or soft Sun lamp, an area key light, a spot, or a point light, sometimes with a second
+    weaker lamp). World type "lamps"; ``world`` is the fill world's own description."""
+    setup = rng.choice(LAMP_SETUPS)
+    if setup == "sky_sun":
+        world = {"type": "sky", "hdri": "sky", "sun_elevation": math.radians(rng.uniform(8, 70)),
+                 "sun_rotation": rng.uniform(0, 2 * math.pi), "sun_size": math.radians(0.545),
+                 "strength": rng.uniform(0.015, 0.04), "air_density": rng.uniform(0.5, 3.0)}
+        return {"type": "lamps", "hdri": "sky_sun", "setup": setup, "world": world, "lamps": []}
+    world = {"type": "hdri", "hdri": rng.choice(sorted(hdris)), "rotation_z": rng.uniform(0, 2 * math.pi),
+             "exposure": rng.uniform(0.1, 0.4)}
+    lamps = [_lamp(rng, setup, rng.uniform(1.5, 4.0))]
+    if rng.random() < 0.4:
+        lamps.append(_lamp(rng, rng.choice(("area", "point")), rng.uniform(0.3, 1.0)))
+    return {"type": "lamps", "hdri": setup, "setup": setup, "world": world, "lamps": lamps}
+
+
 def describe(seed: int, hdris: list[str] | tuple[str, ...], lightings: int = 2) -> dict:
     """A random scene: ground, 1-4 objects, ``lightings`` worlds drawn with HDRIs from ``hdris``."""
     rng = random.Random(f"pbnds-scene:{seed}")
@@ -103,6 +160,8 @@ def build(description: dict, hdri_folder, threads: int = 0):
     """
     import bpy
 
+    from addon.dataset import select_lamps
+
     scene = bpy.context.scene
     scene.render.engine = "CYCLES"
     scene.cycles.device = "CPU"
@@ -115,8 +174,34 @@ def build(description: dict, hdri_folder, threads: int = 0):
     for i, spec in enumerate(description["objects"]):
         _object(scene, i, spec)
     worlds = [make_world(lighting, hdri_folder, f"Lighting {i}") for i, lighting in enumerate(description["lightings"])]
+    for world, lighting in zip(worlds, description["lightings"], strict=True):
+        for j, lamp in enumerate(lighting.get("lamps", [])):
+            _lamp_object(scene, f"{world.name} lamp {j}", lamp)["pbnds_lighting"] = world.name
     scene.world = worlds[0]
+    select_lamps(scene, worlds[0])
     return scene, worlds
+
+
+def _lamp_object(scene, name, lamp):
+    import bpy
+    from mathutils import Vector
+
+    light = bpy.data.lights.new(name, lamp["type"])
+    light.color = lamp["color"]
+    light.energy = lamp["energy"]
+    if lamp["type"] == "SUN":
+        light.angle = lamp["angle"]
+    elif lamp["type"] == "AREA":
+        light.shape, light.size, light.size_y = lamp["shape"], lamp["size"], lamp["size_y"]
+    else:
+        light.shadow_soft_size = lamp["radius"]
+        if lamp["type"] == "SPOT":
+            light.spot_size, light.spot_blend = lamp["spot_size"], lamp["spot_blend"]
+    ob = bpy.data.objects.new(name, light)
+    ob.location = lamp.get("location", (0.0, 0.0, 5.0))
+    ob.rotation_euler = Vector(lamp["direction"]).to_track_quat("-Z", "Y").to_euler()
+    scene.collection.objects.link(ob)
+    return ob
 
 
 def _link(scene, name, mesh, material):
@@ -266,6 +351,10 @@ def make_world(lighting, hdri_folder, name="Lighting"):
 
     import bpy
 
+    if lighting["type"] == "lamps":  # the fill world; build() adds the light objects
+        world = make_world(lighting["world"], hdri_folder, name)
+        world["pbnds_world"] = {**lighting, "world": world["pbnds_world"].to_dict()}
+        return world
     world = bpy.data.worlds.new(name)
     tree = world.node_tree
     background = tree.nodes["Background"]

@@ -49,6 +49,62 @@ def test_plan_splits_by_scene(tmp_path):
     assert sorted(w["hdri"] for w in relight) == sorted(scenes.HELD_OUT_HDRIS)
 
 
+def test_lamps_split_plan_and_lightings(tmp_path):
+    tasks = datagen.plan(_generate_args(tmp_path, scenes=3, val=1, test=2, lamps=2, lamp_share=0.5))
+    seeds = {}
+    for task in tasks:
+        seeds.setdefault(task["split"], set()).add(task["scene_seed"])
+    assert len(seeds["lamps"]) == 2 and not seeds["lamps"] & (seeds["train"] | seeds["val"] | seeds["test"])
+    assert {t["lamp_share"] for t in tasks if t["split"] in ("train", "val")} == {0.5}
+    assert {t["lamp_share"] for t in tasks if t["split"] not in ("train", "val")} == {0.0}
+    # the scenes of a run without lamps keep their seeds when a lamps split is added
+    before = {t["folder"]: t["scene_seed"] for t in datagen.plan(_generate_args(tmp_path, scenes=3, val=1, test=2))}
+    assert all(before[t["folder"]] == t["scene_seed"] for t in tasks if t["folder"] in before)
+    lamps_task = next(t for t in tasks if t["split"] == "lamps")
+    lightings, sequence = datagen.lightings_for({**lamps_task, "lightings": 40}, {})
+    assert not sequence and {w["type"] for w in lightings} == {"lamps"}
+    assert {w["setup"] for w in lightings} == set(scenes.LAMP_SETUPS)
+    for w in lightings:
+        if w["setup"] == "sky_sun":
+            assert w["lamps"] == [] and abs(w["world"]["sun_size"] - 0.545 * np.pi / 180) < 1e-9
+        else:
+            assert w["lamps"] and all(lamp["energy"] > 0 for lamp in w["lamps"])
+            assert abs(np.linalg.norm(w["lamps"][0]["direction"]) - 1) < 1e-9
+    assert lightings == datagen.lightings_for({**lamps_task, "lightings": 40}, {})[0]
+    # with share 0, scene lightings are the description's own (gen-v1 reproduces)
+    description = scenes.describe(3, HDRIS, 2)
+    train = next(t for t in tasks if t["split"] == "train")
+    assert datagen.lightings_for({**train, "lamp_share": 0.0}, description)[0] == description["lightings"]
+
+
+@pytest.mark.blender
+def test_lamp_lighting_builds_its_lights(tmp_path):
+    bpy = pytest.importorskip("bpy")
+    import random
+
+    from mathutils import Vector
+
+    from addon.dataset import select_lamps
+
+    bpy.ops.wm.read_factory_settings(use_empty=True)
+    rng = random.Random(5)
+    lightings = [scenes.lamp_lighting(rng, HDRIS) for _ in range(12)]
+    with_lamps = [w for w in lightings if w["lamps"]][:2]
+    description = {**scenes.describe(1, HDRIS, 1), "lightings": with_lamps}
+    scene, worlds = scenes.build(description, datagen.hdri_folder())
+    bpy.context.view_layer.update()
+    lamps = [ob for ob in scene.objects if ob.type == "LIGHT"]
+    assert len(lamps) == sum(len(w["lamps"]) for w in with_lamps)
+    for world, lighting in zip(worlds, with_lamps, strict=True):
+        select_lamps(scene, world)
+        shown = [ob for ob in lamps if not ob.hide_render]
+        assert [ob.data.type for ob in shown] == [lamp["type"] for lamp in lighting["lamps"]]
+        for ob, lamp in zip(shown, lighting["lamps"], strict=True):  # -Z of the light points along "direction"
+            axis = ob.matrix_world.to_3x3() @ Vector((0, 0, -1))
+            assert np.allclose(axis, lamp["direction"], atol=1e-5)
+        assert world["pbnds_world"]["setup"] == lighting["setup"]
+
+
 @pytest.mark.blender
 def test_tiny_generation(tmp_path):
     pytest.importorskip("bpy")
