@@ -4,8 +4,8 @@ One program shades BLOCK_P pixels: for each tile of BLOCK_N rays it forms the BL
 (pixel, ray) pairs, computes their cosines from the vectors, runs the MLP (first layer as 4 multiply-adds
 on the per-pixel part, the hidden and output layers as tl.dot), the GGX and diffuse terms and the
 product with Li / pdf, and sums over the rays, all in registers: no (P, N, H) activation ever reaches
-memory. That memory traffic is what separates eager PyTorch from the GPU's compute limit (DESIGN.md
-section 5). Reference twins: backend/fastpath.py (same arrangement in PyTorch) and shaders.py;
+memory. That memory traffic is what separates eager PyTorch from the GPU's compute limit (docs/design.md
+section 6). Reference twins: backend/fastpath.py (same arrangement in PyTorch) and shaders.py;
 tests/backend/test_fastpath.py runs this kernel under TRITON_INTERPRET=1 and holds it to them.
 
 Scope: LinearNeuralShader with layers == 2 (the default config) or GGX (no MLP), shared ray sets

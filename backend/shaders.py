@@ -147,7 +147,7 @@ def mlp(sizes: list[int]) -> nn.Sequential:
 
 
 class PaperShader(Shader):
-    """The PBNDS paper's shader as its public code builds it (DESIGN.md section 4).
+    """The PBNDS paper's shader as its public code builds it (docs/design.md section 5).
 
     Per (pixel, ray): 11 values (Li max(n.i, 0), albedo, roughness, scalar specular, normal) through
     an 8-frequency positional encoding (187) into 256 x 4, then [feature, n.i, n.o, h.n, h.o, wo]

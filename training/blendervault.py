@@ -2,7 +2,7 @@
 
 Each file is one task (training.datagen runs it in its own process): open it, make it something the
 exporter and the job contract can represent, then addon.dataset.export_dataset with orbit views and
-random HDRIs. What is done to a file, after MaterialFusion's render script (DESIGN.md section 8):
+random HDRIs. What is done to a file, after MaterialFusion's render script (docs/design.md section 8):
 - skipped (reported, the run goes on): over 500 MB, more than 100 renderable objects or more than
   100 materials, image textures whose files are missing, files Blender cannot open, no geometry;
 - animation data is cleared (the current frame's pose stays) and the root objects are moved and

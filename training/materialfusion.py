@@ -1,4 +1,4 @@
-"""Read MaterialFusion's BlenderVault render layout into Samples (DESIGN.md section 8).
+"""Read MaterialFusion's BlenderVault render layout into Samples (docs/design.md section 8).
 
 Layout: ``root/transforms_{train,val,test}.json`` = {"camera_angle_x", "frames": [{"envmap",
 "transform_matrix" (camera-to-world, Z up, camera looks down -Z), "file_path", "file_path_albedo",

@@ -275,7 +275,7 @@ def _paper_section() -> list[str]:
     return ["## The paper's Table 1 (BlenderVault), for reference", "",
             "**These are the paper's figures on BlenderVault, copied, not re-measured.** Their pipeline differs "
             "from ours: full frame including the black background, 8-bit sRGB targets, LPIPS fed [0, 1] "
-            "(DESIGN.md section 4), and their own data. Compare orders of magnitude, not decimals.", "",
+            "(docs/design.md section 5), and their own data. Compare orders of magnitude, not decimals.", "",
             *_table(["experiment", "method", "MSE", "PSNR", "SSIM", "LPIPS", "FID"], body), ""]
 
 

@@ -14,7 +14,7 @@ def test_uv_direction_round_trip():
 
 
 def test_blender_orientation():
-    """DESIGN.md: image centre faces +X, u = 0.25 faces +Y, the top row is the zenith."""
+    """docs/design.md section 3: image centre faces +X, u = 0.25 faces +Y, the top row is the zenith."""
     u, v = direction_to_uv(torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [-1.0, 0, 0]]))
     torch.testing.assert_close(u[:3], torch.tensor([0.5, 0.25, u[2].item()]))
     torch.testing.assert_close(v, torch.tensor([0.5, 0.5, 0.0, 0.5]))

@@ -32,7 +32,7 @@ def test_paper_shader_matches_the_reference_architecture():
     shader = PaperShader()
     assert shader.encoder[0].in_features == 187 and shader.decoder[0].in_features == 263
     parameters = sum(p.numel() for p in shader.parameters())
-    assert 300_000 < parameters < 330_000, parameters  # DESIGN.md: about 313k
+    assert 300_000 < parameters < 330_000, parameters  # docs/design.md section 5: about 313k
 
 
 def test_default_shader_is_linear_in_radiance():
