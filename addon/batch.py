@@ -120,7 +120,10 @@ def render_frame(svc, scene, frame, args, exr_path, png_path):
     try:
         os.makedirs(workdir, exist_ok=True)
         scene.frame_set(frame)  # evaluate the animation here, as Blender's own animation render does
-        job_id, job_json = engine.run_job(svc, scene, workdir, scene.pbnds, frame=frame)
+        warnings = []
+        job_id, job_json = engine.run_job(svc, scene, workdir, scene.pbnds, frame=frame, warnings=warnings)
+        for message in warnings:
+            print(f"pbnds batch: frame {frame}: warning: {message}", file=sys.stderr, flush=True)
         if job_dir:
             svc.result_exr(job_id, job_dir / "result.exr")
         arrays = compositor.add_background(scene, svc.result_arrays(job_id), workdir)

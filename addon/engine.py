@@ -6,6 +6,7 @@ Esc cancels the service job) -> Combined, "Unshadowed" and "Shadow" passes of th
 """
 
 import hashlib
+import json
 import shutil
 import tempfile
 import traceback
@@ -13,7 +14,7 @@ import traceback
 import bpy
 import numpy as np
 
-from . import client, compositor, gbuffer, preferences, service_process, world
+from . import client, compositor, gbuffer, lights, preferences, service_process, world
 
 # The engine's own passes: name, channel count, channel ids, type. They reach the compositor's
 # Render Layers node and the multilayer EXR like Cycles' passes.
@@ -62,8 +63,9 @@ def render(engine, depsgraph):
     for name, channels, chan_id, _ in PASSES:
         engine.add_pass(name, channels, chan_id)
     arrays = None
+    warnings = []
     try:
-        arrays = shade(engine, depsgraph, scene, width, height)
+        arrays = shade(engine, depsgraph, scene, width, height, warnings)
     except (client.ServiceCancelled, gbuffer.ExportCancelled):
         pass
     except client.ServiceError as exc:
@@ -73,7 +75,9 @@ def render(engine, depsgraph):
     except Exception as exc:  # noqa: BLE001 - the render must end with a report, whatever failed
         traceback.print_exc()
         _report_error(engine, f"PBNDS: unexpected {type(exc).__name__}: {exc}")
-    write_result(engine, depsgraph.view_layer.name, width, height, arrays, scene.render.film_transparent)
+    for message in warnings:
+        engine.report({"WARNING"}, f"PBNDS: {message}")
+    write_result(engine, depsgraph.view_layer.name, width, height, arrays, scene.render.film_transparent, warnings)
 
 
 def _progress(engine):
@@ -88,8 +92,11 @@ def _report_error(engine, message):
     engine.error_set(message)
 
 
-def shade(engine, depsgraph, scene, width, height):
-    """Shade the frame on the service; returns the result arrays (top row first)."""
+def shade(engine, depsgraph, scene, width, height, warnings):
+    """Shade the frame on the service; returns the result arrays (top row first).
+
+    The export's warnings are appended to ``warnings`` (none on a relight: the job is the cached one).
+    """
     settings = scene.pbnds
     options = settings.job_options()
     engine.update_stats("", "PBNDS: connecting to the service")
@@ -112,7 +119,7 @@ def shade(engine, depsgraph, scene, width, height):
             if settings.relight_only:
                 engine.report({"INFO"}, "PBNDS: no cached G-buffer for this view: rendering it")
             job_id, _ = run_job(svc, scene, workdir, settings, width, height, scene.frame_current,
-                                cancel_check=engine.test_break, progress=_progress(engine))
+                                cancel_check=engine.test_break, progress=_progress(engine), warnings=warnings)
             _last_jobs[scene.name] = (svc.url, signature, job_id)
         else:
             engine.update_stats("", f"PBNDS: relighting on {svc.url}")
@@ -130,11 +137,11 @@ def shade(engine, depsgraph, scene, width, height):
 
 
 def run_job(svc, scene, workdir, settings, width=None, height=None, frame=None, cancel_check=None,
-            progress=None):
+            progress=None, warnings=None):
     """Export the frame's job into `workdir`, shade it on `svc` and wait; returns (job id, job.json).
 
     `settings` is scene.pbnds; `progress(fraction, message)` runs 0..0.5 over the export and
-    0.5..1 over the shading.
+    0.5..1 over the shading; the export's warnings are appended to the list `warnings` if given.
     """
     def part(offset, default_message):
         if progress is None:
@@ -144,17 +151,18 @@ def run_job(svc, scene, workdir, settings, width=None, height=None, frame=None, 
     job_json = gbuffer.export_job(
         scene, workdir, samples=settings.gbuffer_samples, options=settings.job_options(),
         width=width, height=height, frame=frame, cancel_check=cancel_check,
-        progress=part(0.0, "rendering the G-buffer"),
+        progress=part(0.0, "rendering the G-buffer"), warnings=warnings,
     )
     job_id = svc.submit(job_json)
     svc.wait(job_id, progress=part(0.5, f"shading on {svc.url}"), cancel_check=cancel_check)
     return job_id, job_json
 
 
-def write_result(engine, layer_name, width, height, arrays, transparent):
+def write_result(engine, layer_name, width, height, arrays, transparent, warnings=()):
     """Fill Combined (RGBA), Unshadowed and Shadow; black when `arrays` is None.
 
-    Render result rows are bottom-up while the service's arrays are top-down: flip.
+    Render result rows are bottom-up while the service's arrays are top-down: flip. `warnings` go into
+    the result's metadata (the "PBNDS Warnings" stamp field, saved with EXRs).
     """
     if arrays is None:
         black, zero = np.zeros((height, width, 3), np.float32), np.zeros((height, width), np.float32)
@@ -162,6 +170,8 @@ def write_result(engine, layer_name, width, height, arrays, transparent):
     combined = compositor.rgba(arrays, "shaded", transparent)
     unshadowed, shadow = arrays["unshadowed"], arrays["shadow"]
     result = engine.begin_result(0, 0, width, height, layer=layer_name)
+    if warnings:
+        result.stamp_data_add_field("PBNDS Warnings", "; ".join(warnings))
     passes = result.layers[0].passes
     for name, data in (("Combined", combined), ("Unshadowed", unshadowed), ("Shadow", shadow)):
         passes[name].rect.foreach_set(np.ascontiguousarray(data[::-1], np.float32).ravel())
@@ -169,11 +179,13 @@ def write_result(engine, layer_name, width, height, arrays, transparent):
 
 
 def gbuffer_signature(depsgraph, width, height, samples):
-    """A hash of everything the G-buffer depends on (not the world).
+    """A hash of everything the job depends on but the world's HDRI.
 
     Relight-only trusts it to say "only the world changed": camera, frame, size, samples, the
-    visible objects' transforms and mesh vertices, and the unlinked inputs, images and links of
-    their materials. It does not look at textures' pixels or modifiers outside the evaluated mesh.
+    visible objects' transforms and mesh vertices, the unlinked inputs, images and links of
+    their materials, the exported lights (a relight keeps the job's lights) and the settings of
+    the world's Sky Textures (their suns are job lights too). It does not look at textures' pixels
+    or modifiers outside the evaluated mesh.
     """
     scene = depsgraph.scene_eval
     h = hashlib.sha1(repr((width, height, samples, scene.frame_current)).encode())
@@ -192,7 +204,18 @@ def gbuffer_signature(depsgraph, width, height, samples):
             h.update(co.tobytes())
         for slot in obj.material_slots:
             _hash_material(h, slot.material)
+    h.update(json.dumps(lights.export_lights(scene, depsgraph)[0]).encode())
+    if scene.world is not None and scene.world.node_tree is not None:
+        for node in scene.world.node_tree.nodes:
+            if node.bl_idname == "ShaderNodeTexSky":
+                own = [p.identifier for p in node.bl_rna.properties
+                       if p.identifier not in bpy.types.ShaderNode.bl_rna.properties]
+                h.update(repr([_plain(getattr(node, name)) for name in own]).encode())
     return h.hexdigest()
+
+
+def _plain(value):
+    return tuple(value) if hasattr(value, "__len__") and not isinstance(value, str) else value
 
 
 def _hash_material(h, mat):
@@ -208,8 +231,7 @@ def _hash_material(h, mat):
             h.update(image.filepath.encode())
         for sock in node.inputs:
             if not sock.is_linked and hasattr(sock, "default_value"):
-                value = sock.default_value
-                h.update(repr(tuple(value) if hasattr(value, "__len__") else value).encode())
+                h.update(repr(_plain(sock.default_value)).encode())
     for link in mat.node_tree.links:
         h.update(f"{link.from_node.name}.{link.from_socket.identifier}>"
                  f"{link.to_node.name}.{link.to_socket.identifier}".encode())

@@ -21,6 +21,9 @@ How the G-buffer is made:
   the way (Vector Math Normalize, where the compositor has it: Blender 4.5+): even with the ~0-wide
   filter, samples of a pixel whose centre lies on an edge average two normals, and the contract
   wants unit normals.
+- lights (version 2): the scene's light objects (addon/lights.py) and the suns of its Sky Textures
+  (world.world_suns), at the exported frame. What the job cannot carry (emissive meshes, volumes,
+  light linking, ...) is returned as warnings, one per problem and object.
 """
 
 import json
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import bpy
 
-from . import world
+from . import lights, world
 from .scene_state import ExportCancelled, ExportError, check_cancel, preserved, temporary_copy
 
 __all__ = ["ExportError", "ExportCancelled", "export_job", "camera_matrices"]
@@ -45,12 +48,14 @@ _AOV_LAYERS = (("albedo", "COLOR"), ("specular", "COLOR"), ("roughness", "VALUE"
 
 
 def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=None, frame=None,
-               cancel_check=None, progress=None, hdri_width=512, position=True):
+               cancel_check=None, progress=None, hdri_width=512, position=True, warnings=None):
     """Write ``out_dir``/{gbuffer.exr, hdri.exr, job.json} for ``scene``; return the job.json path.
 
     ``width``/``height`` override the render size (else resolution x percentage); ``frame`` the
     scene's current frame. ``cancel_check()`` returning True raises ExportCancelled between steps,
-    ``progress(fraction, message)`` reports them. The scene is left as it was in every case.
+    ``progress(fraction, message)`` reports them. The export's warnings (what the job leaves out,
+    addon/lights.py) are appended to the list ``warnings`` when one is given. The scene is left as
+    it was in every case.
     """
     out_dir = Path(out_dir).resolve()
 
@@ -71,21 +76,26 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
         _setup_materials()
         _setup_compositor(temp, view_layer, out_dir, position)
         matrices = camera_matrices(temp, view_layer, width, height)
+        job_lights, light_warnings = lights.export_lights(temp, view_layer.depsgraph)
         step(0.1, "Rendering G-buffer")
         for stale in ("job.json", "gbuffer.exr"):  # never leave a job mixing two exports
             _remove(out_dir / stale)
         bpy.ops.render.render(write_still=False, scene=temp.name)
         if not (out_dir / "gbuffer.exr").exists():
             raise ExportError(f"the G-buffer render of scene '{scene.name}' wrote no {out_dir / 'gbuffer.exr'}")
-        step(0.7, "Capturing the world HDRI")
+        step(0.7, "Capturing the world HDRI and its suns")
         world.capture_hdri(temp, out_dir / "hdri.exr", width=hdri_width)
+        job_lights += world.world_suns(temp)
     step(0.95, "Writing job.json")
-    job = {"format": "pbnds-job", "version": 1, "width": width, "height": height,
-           "gbuffer": "gbuffer.exr", "hdri": "hdri.exr", "frame": frame, "camera": matrices}
+    job = {"format": "pbnds-job", "version": 2, "width": width, "height": height,
+           "gbuffer": "gbuffer.exr", "hdri": "hdri.exr", "frame": frame, "camera": matrices,
+           "lights": job_lights}
     if options:
         job["options"] = dict(options)
     path = out_dir / "job.json"
     path.write_text(json.dumps(job))
+    if warnings is not None:
+        warnings.extend(light_warnings)
     if progress is not None:
         progress(1.0, f"Job written: {path}")
     return path

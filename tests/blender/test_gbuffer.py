@@ -51,7 +51,7 @@ def pixel_ray(job, row, col):
 
 def test_job_json_and_layers(spheres_job):
     path, job, layers = spheres_job
-    assert job["format"] == "pbnds-job" and job["version"] == 1
+    assert job["format"] == "pbnds-job" and job["version"] == 2 and job["lights"] == []
     assert (job["width"], job["height"], job["gbuffer"], job["hdri"]) == (SIZE, SIZE, "gbuffer.exr", "hdri.exr")
     assert job["frame"] == 1 and job["options"] == {"rays": 64}
     assert set(exr_channel_names(path.parent / "gbuffer.exr")) == CHANNELS
