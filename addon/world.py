@@ -1,50 +1,165 @@
-"""Capture the scene's world as the job's equirectangular HDRI (docs/job-format.md, `hdri.exr`).
+"""Capture the scene's world as the job's equirectangular HDRI (docs/job-format.md, `hdri.exr`),
+and take the suns of Sky Textures out of it as analytic `sun` lights (`lights`, version 2).
 
-Two paths give the same image:
+Every captured texel is the mean radiance over the texel, so the HDRI holds the world's energy even
+where light comes from spots smaller than a texel (a sun in a photographed HDRI). Two paths:
 - the render path works for any world node tree: Cycles renders a temporary scene holding only the
   world and an equirectangular panoramic camera at the origin looking along +X with Z up, which
-  makes the image centre face +X and the top row the zenith, as in the contract. The pixel filter is
-  made ~0 wide so each pixel is the world radiance at its centre direction (no blur).
+  makes the image centre face +X and the top row the zenith, as in the contract. A one-pixel box
+  filter makes each pixel the mean over its (longitude, latitude) rectangle; it differs from the mean
+  over solid angle only through sin(theta) varying inside the texel: second order for smooth light,
+  and at most (pi / 2H) cot(theta) relative for a point-like spot theta from the zenith (0.6 % at 45
+  degrees, H = 256 rows). Noise in a texel falls with ``samples``; the total does not drift.
 - the fast path, for a plain Environment Texture (optionally through a Mapping node rotating about
-  Z) into a Background node: the image is resampled in numpy (bilinear at the pixel centres, as
-  Cycles' Linear interpolation does), times the Background strength.
+  Z) into a Background node: numpy integrates Cycles' bilinear reconstruction of the image exactly
+  over each texel, weighted by solid angle, at any rotation (no resampling at texel centres), times
+  the Background strength.
 A scene without a world is an error (Cycles would render black, which is rarely what a user meant).
+
+A Sky Texture's sun disc (Nishita: 'NISHITA' in 4.x, 'SINGLE_SCATTERING'/'MULTIPLE_SCATTERING' in
+5.x; 0.545 degrees across by default, about a tenth of a 512-wide texel) is a light, not a texel:
+`world_suns` measures it (a narrow box-filtered Cycles render centred on the sun with the disc on and
+off, the difference integrated over solid angle: irradiance in RGB, through the atmosphere, the sun
+intensity and whatever the sky feeds into, such as a Background strength) and `capture_hdri` renders
+the world with those discs off, so the job holds each sun once. Measured (tests/blender/test_world.py,
+bpy 5.0.1): a Lambert plane under the default Multiple Scattering sky gets its irradiance from the
+capture plus the sun entry within 2 % of Cycles; the previous point-sampled capture (the disc on,
+~0-wide filter) gave the sky alone. Sky Textures inside node groups or with a linked Vector input
+keep their disc in the capture (its energy is still there, only noisier).
 
 Negative texels are clamped to 0 on both paths: they are compression ringing, not light (Blender's own
 studio-light HDRIs hold a few, down to -0.002), and the backend rejects negative radiance rather
 than clamping it silently. This is the one place where a world becomes the contract's HDRI.
 """
 
+import contextlib
 import math
 import os
+import tempfile
 from pathlib import Path
 
 import bpy
 import numpy as np
+from mathutils import Vector
 
 from .scene_state import ExportError, preserved
 
 _LINEAR_SPACES = {"Linear Rec.709", "Linear", "Non-Color", "Linear CIE-XYZ E", "Linear Rec.2020"}
+_SUN_SKY_TYPES = {"NISHITA", "SINGLE_SCATTERING", "MULTIPLE_SCATTERING"}  # 4.x, 5.x names of Nishita
 
 
 def capture_hdri(scene, path, width=512, samples=16, fast=True):
     """Write the world of ``scene`` as a linear float RGB EXR of ``width`` x ``width / 2`` to ``path``.
 
-    ``fast=False`` forces the render path. Returns the path written.
+    The sun discs that :func:`world_suns` returns are off while the world is rendered (and on again
+    afterwards). ``fast=False`` forces the render path. Returns the path written.
     """
     path = Path(path).resolve()
     world = scene.world
     if world is None:
         raise ExportError(f"scene '{scene.name}' has no world to capture as the HDRI")
     width = max(2, int(width) // 2 * 2)
-    if fast:
-        pixels = fast_lookup(world, width)
-        if pixels is not None:
-            write_exr(np.maximum(pixels, 0.0), path, scene)
-            return path
-    pixels = _render_world(scene, path, width, width // 2, samples, _equirectangular_camera)
+    pixels = fast_lookup(world, width) if fast else None
+    if pixels is None:
+        with _sun_discs(_sun_skies(world), on=False):
+            pixels = _render_world(scene, path, width, width // 2, samples, _equirectangular_camera)
     write_exr(np.maximum(pixels, 0.0), path, scene)
     return path
+
+
+def world_suns(scene, size=48, samples=16):
+    """The contract's `sun` entries (docs/job-format.md) of the Sky Texture sun discs lighting the
+    world of ``scene`` (none without a world): direction and angle from the node, irradiance measured.
+
+    Each sun is rendered twice through a ``size``-pixel square equirectangular window centred on it,
+    1.2 x its diameter across, with a one-pixel box filter: with its disc and without (every other disc
+    off); the difference, weighted by each pixel's solid angle and its cosine to the sun, is the
+    irradiance on a surface facing the sun. A disc that adds nothing (a single-scattering sun below
+    the horizon) is left out.
+    """
+    skies = _sun_skies(scene.world)
+    suns = []
+    with tempfile.TemporaryDirectory() as scratch, _sun_discs(skies, on=False):
+        path = Path(scratch) / "sun.exr"
+        for sky in skies:
+            direction = sun_direction(sky)
+            half = 0.6 * sky.sun_size
+            camera = _window_camera(direction, half)
+            without = _render_world(scene, path, size, size, samples, camera)
+            with _sun_discs([sky], on=True):
+                radiance = _render_world(scene, path, size, size, samples, camera) - without
+            irradiance = np.einsum("hwc,hw->c", radiance.astype(np.float64), _window_weights(size, half))
+            if irradiance.max() > 0:
+                suns.append({"type": "sun", "name": f"{scene.world.name}: {sky.name}",
+                             "direction": list(direction), "irradiance": np.maximum(irradiance, 0).tolist(),
+                             "angle": sky.sun_size})
+    return suns
+
+
+def sun_direction(sky):
+    """Unit direction towards the sun of a Sky Texture (Cycles' sky kernel: rotation 0 is +Y, and
+    the sun turns counter-clockwise seen from above as the rotation grows)."""
+    elevation, rotation = sky.sun_elevation, sky.sun_rotation
+    return (-math.cos(elevation) * math.sin(rotation), math.cos(elevation) * math.cos(rotation),
+            math.sin(elevation))
+
+
+def _sun_skies(world):
+    """The Sky Textures of ``world`` with a sun disc that lights it: a Nishita sky, disc on, default
+    (unlinked) vector, feeding the active World Output through unmuted nodes and links."""
+    tree = world.node_tree if world is not None else None
+    output = tree and _active_output(tree, "ShaderNodeOutputWorld")
+    if output is None:
+        return []
+    return [node for node in _upstream(output.inputs["Surface"])
+            if node.bl_idname == "ShaderNodeTexSky" and node.sky_type in _SUN_SKY_TYPES and node.sun_disc
+            and node.sun_size > 0 and not node.inputs[0].is_linked]  # "Vector" (by name, a KeyError in 5.0.1)
+
+
+def _upstream(socket):
+    """The unmuted nodes that feed ``socket`` through unmuted links, directly or further up."""
+    found, pending = {}, [socket]
+    while pending:
+        for link in pending.pop().links:
+            node = link.from_node
+            if link.is_muted or node.mute or node.name in found:
+                continue
+            found[node.name] = node
+            pending.extend(node.inputs)
+    return list(found.values())
+
+
+@contextlib.contextmanager
+def _sun_discs(skies, on):
+    """Switch the sun discs of ``skies`` on or off for the duration, then back to the opposite."""
+    try:
+        for sky in skies:
+            sky.sun_disc = on
+        yield
+    finally:
+        for sky in skies:
+            sky.sun_disc = not on
+
+
+def _window_camera(direction, half):
+    """A camera factory: an equirectangular window of +-``half`` radians in longitude and latitude
+    centred on ``direction`` (the panorama's centre is the camera's -Z, latitude along its +Y)."""
+    def camera(temp):
+        cam = _equirectangular_camera(temp)
+        cam.rotation_mode = "QUATERNION"
+        cam.rotation_quaternion = Vector(direction).to_track_quat("-Z", "Y")
+        cam.data.latitude_min, cam.data.latitude_max = -half, half
+        cam.data.longitude_min, cam.data.longitude_max = -half, half
+        return cam
+    return camera
+
+
+def _window_weights(size, half):
+    """(size, size) solid angle x cosine to the window's centre of each pixel of `_window_camera`."""
+    edges = np.linspace(-half, half, size + 1)
+    centres = (edges[:-1] + edges[1:]) / 2
+    solid_angle = np.diff(np.sin(edges))[:, None] * np.diff(edges)[None, :]
+    return solid_angle * np.cos(centres)[:, None] * np.cos(centres)[None, :]
 
 
 def _equirectangular_camera(temp):
@@ -141,28 +256,60 @@ def _image_pixels(image):
 
 
 def lookup(source, width, rotation=0.0):
-    """Resample an equirectangular (H, W, 3) image to ``width`` x ``width/2``, rotated about Z.
+    """The mean radiance over each texel of a ``width`` x ``width/2`` equirectangular grid of the
+    (H, W, 3) image ``source`` rotated about Z, as Cycles' Linear interpolation reconstructs it.
 
     Blender's convention: a world direction at azimuth phi reads the texture at
     u = 0.5 - phi / 2pi; a Mapping node rotating the vector by ``rotation`` about Z shifts the
-    lookup to u - rotation / 2pi. Bilinear with horizontal wrap and vertical clamp.
+    lookup to u - rotation / 2pi. The bilinear reconstruction (horizontal wrap, vertical clamp) is
+    integrated exactly over each texel's u range, then over its rows weighted by sin(theta) (solid
+    angle), so the image's energy is kept at any size and rotation.
     """
     src_h, src_w, _ = source.shape
     height = width // 2
-    u = (np.arange(width) + 0.5) / width - rotation / (2 * math.pi)
-    v = (np.arange(height) + 0.5) / height
-    x = u * src_w - 0.5
-    y = np.clip(v * src_h - 0.5, 0, src_h - 1)
-    x0 = np.floor(x).astype(np.int64)
-    y0 = np.floor(y).astype(np.int64)
-    fx = (x - x0)[None, :, None]
-    fy = (y - y0)[:, None, None]
-    x0 %= src_w
-    x1 = (x0 + 1) % src_w
-    y1 = np.minimum(y0 + 1, src_h - 1)
-    top = source[y0][:, x0] * (1 - fx) + source[y0][:, x1] * fx
-    bottom = source[y1][:, x0] * (1 - fx) + source[y1][:, x1] * fx
-    return (top * (1 - fy) + bottom * fy).astype(np.float32)
+    columns = (np.arange(width + 1) / width - rotation / (2 * math.pi)) * src_w
+    rows = np.arange(height + 1) / height * src_h
+    chunk = max(1, 2**22 // src_w)  # bounds the float64 running sums to ~100 MB
+    across = np.concatenate([_interval_means(source[r:r + chunk].swapaxes(0, 1), columns, wrap=True)
+                             for r in range(0, src_h, chunk)], axis=1).swapaxes(0, 1)
+    return _interval_means(across, rows, frequency=math.pi / src_h).astype(np.float32)
+
+
+def _interval_means(samples, edges, wrap=False, frequency=0.0):
+    """Means of the linear interpolant of ``samples`` along axis 0 (sample i at y = i + 0.5) over
+    the intervals between consecutive ``edges``, weighted by sin(frequency y) if ``frequency``.
+    Periodic if ``wrap`` (any edges; unweighted only), else constant past the first and last centres
+    (edges in [0, n])."""
+    ones = np.ones(len(samples))
+    weights = _interval_integrals(ones, edges, wrap, frequency)
+    return _interval_integrals(samples, edges, wrap, frequency) / weights.reshape(-1, *[1] * (samples.ndim - 1))
+
+
+def _interval_integrals(samples, edges, wrap, frequency):
+    n, a = len(samples), frequency
+    samples = samples.astype(np.float64)
+    pad = (samples[-1:], samples[:1]) if wrap else (samples[:1], samples[-1:])
+    padded = np.concatenate([pad[0], samples, pad[1]])  # padded[k] sits at y = k - 0.5
+    slope = np.diff(padded, axis=0)
+    column = (-1, *[1] * (samples.ndim - 1))
+    if a:  # by parts: integral of g sin(ay) = -g cos(ay) / a + (integral of g' cos(ay)) / a
+        steps = slope * np.diff(np.sin(a * (np.arange(n + 2) - 0.5))).reshape(column) / a
+    else:
+        steps = (padded[:-1] + padded[1:]) / 2
+    running = np.concatenate([np.zeros_like(samples[:1]), np.cumsum(steps, axis=0)])
+
+    def integral(y):  # from -0.5 to y, for y in [0, n] (a constant short of it when weighted)
+        k = np.floor(y + 0.5).astype(np.int64)
+        t = (y + 0.5 - k).reshape(column)
+        if not a:
+            return running[k] + padded[k] * t + slope[k] * t * t / 2
+        ya = (a * y).reshape(column)
+        inside = running[k] + slope[k] * (np.sin(ya) - np.sin(a * (k - 0.5)).reshape(column)) / a
+        return (inside - (padded[k] + slope[k] * t) * np.cos(ya)) / a
+
+    period = np.floor(edges / n) if wrap else np.zeros_like(edges)
+    ends = integral(np.array([0.0, n]))
+    return np.diff(integral(edges - period * n) + period.reshape(column) * (ends[1] - ends[0]), axis=0)
 
 
 def write_exr(pixels, path, scene):
@@ -206,12 +353,13 @@ def render_background(scene, path, width, height, samples=4):
         cam.matrix_world = scene.camera.matrix_world.copy()
         return cam
 
-    return _render_world(scene, Path(path).resolve(), width, height, samples, camera, filter_width=1.5)
+    return _render_world(scene, Path(path).resolve(), width, height, samples, camera,
+                         pixel_filter=("BLACKMAN_HARRIS", 1.5))
 
 
-def _render_world(scene, path, width, height, samples, camera, filter_width=0.01):
+def _render_world(scene, path, width, height, samples, camera, pixel_filter=("BOX", 1.0)):
     """Render the world of ``scene`` alone through ``camera(temp_scene)`` -> a new camera object;
-    return its (H, W, 3) pixels. The default ~0-wide filter makes each pixel its centre direction."""
+    return its (H, W, 3) pixels. The default one-pixel box filter makes each pixel the mean over it."""
     world = scene.world
     with preserved(scene):
         temp = bpy.data.scenes.new("PBNDS World Capture")
@@ -227,7 +375,7 @@ def _render_world(scene, path, width, height, samples, camera, filter_width=0.01
         temp.cycles.samples = samples
         temp.cycles.use_denoising = False
         temp.cycles.use_adaptive_sampling = False
-        temp.cycles.filter_width = filter_width
+        temp.cycles.pixel_filter_type, temp.cycles.filter_width = pixel_filter
         temp.cycles.device = scene.cycles.device
         cam = camera(temp)
         temp.collection.objects.link(cam)
