@@ -177,3 +177,23 @@ def test_warnings_name_what_the_job_leaves_out(tmp_path):
 def test_export_lights_without_lights_or_problems():
     scene = plane_scene()
     assert lights.export_lights(scene, scene.view_layers[0].depsgraph) == ([], [])
+
+
+def test_relight_signature_changes_with_lights():
+    """Relight-only keeps the job's lights, so moving or dimming a light must force a full render."""
+    from addon import engine
+
+    scene = plane_scene()
+    lamp = add_light(scene, "AREA", (0, 0, 1), energy=10.0)
+
+    def signature():
+        depsgraph = bpy.context.evaluated_depsgraph_get()
+        depsgraph.update()
+        return engine.gbuffer_signature(depsgraph, 8, 8, 1)
+
+    first = signature()
+    assert signature() == first
+    lamp.location.x = 0.5
+    moved = signature()
+    lamp.data.energy = 20.0
+    assert len({first, moved, signature()}) == 3
