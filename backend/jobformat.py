@@ -1,4 +1,4 @@
-"""The job format, version 1: the one contract between the add-on and the backend.
+"""The job format, version 2: the one contract between the add-on and the backend.
 
 docs/job-format.md is its specification; this module is its only implementation. A job is a
 folder with job.json, gbuffer.exr and hdri.exr; a result is one multilayer EXR. Every problem is a
@@ -14,9 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from .exrio import ExrError, read_exr, read_exr_bytes, write_exr
+from .lights import Light, LightError, parse_lights
 
 FORMAT = "pbnds-job"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)  # version 1: no lights
 SAMPLINGS = ("uniform", "cosine", "stratified", "importance", "mis")
 MAX_RAYS = 4096
 RANGE_SLACK = 1e-3
@@ -111,6 +113,7 @@ class Job:
     camera: Camera
     options: Options = field(default_factory=Options)
     frame: int = 1
+    lights: list[Light] = field(default_factory=list)
 
 
 @dataclass
@@ -118,6 +121,7 @@ class Result:
     shaded: np.ndarray  # (H, W, 3)
     unshadowed: np.ndarray  # (H, W, 3)
     shadow: np.ndarray  # (H, W)
+    lights: np.ndarray  # (H, W, 3) the lamps' shadowed part of `shaded`
     mask: np.ndarray  # (H, W)
     meta: dict = field(default_factory=dict)
 
@@ -136,18 +140,22 @@ def _matrix(value, name: str) -> np.ndarray:
     return matrix
 
 
-def parse_job_json(data: dict) -> tuple[dict, Camera, Options]:
-    """Validate job.json's fields; return (the raw dict, camera, options)."""
+def parse_job_json(data: dict) -> tuple[dict, Camera, Options, list[Light]]:
+    """Validate job.json's fields; return (the raw dict, camera, options, lights)."""
     if not isinstance(data, dict):
         raise JobError("job.json must hold a JSON object")
     if data.get("format") != FORMAT:
         raise JobError(f"job.json: 'format' must be {FORMAT!r}, got {data.get('format')!r}")
-    if data.get("version") != VERSION:
-        raise JobError(f"job.json: unknown format version {data.get('version')!r}; this backend reads {VERSION}")
+    version = data.get("version")
+    if isinstance(version, bool) or version not in VERSIONS:
+        raise JobError(f"job.json: unknown format version {version!r}; this backend reads {list(VERSIONS)}")
     known = {"format", "version", "width", "height", "gbuffer", "hdri", "frame", "camera", "options"}
+    if version >= 2:
+        known.add("lights")
     unknown = sorted(set(data) - known)
     if unknown:
-        raise JobError(f"job.json: unknown key(s) {unknown}")
+        hint = " ('lights' needs version 2)" if "lights" in unknown else ""
+        raise JobError(f"job.json: unknown key(s) {unknown}{hint}")
     for key in ("width", "height"):
         value = data.get(key)
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16384:
@@ -162,7 +170,11 @@ def parse_job_json(data: dict) -> tuple[dict, Camera, Options]:
     options = data.get("options", {})
     if not isinstance(options, dict):
         raise JobError("job.json: 'options' must be an object")
-    return data, camera, Options.from_dict(options)
+    try:
+        lights = parse_lights(data.get("lights", []))
+    except LightError as error:
+        raise JobError(f"job.json: {error}") from None
+    return data, camera, Options.from_dict(options), lights
 
 
 def _split_layers(channels: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
@@ -273,13 +285,13 @@ def _read(reader, source: str):
 
 def job_from_parts(job_data: dict, gbuffer_channels: dict, hdri_channels: dict,
                    defaults: Options | None = None) -> Job:
-    data, camera, _ = parse_job_json(job_data)
+    data, camera, _, lights = parse_job_json(job_data)
     options = Options.from_dict(data.get("options"), defaults)
     width, height = data["width"], data["height"]
     return Job(width=width, height=height,
                gbuffer=gbuffer_from_channels(gbuffer_channels, width, height, data.get("gbuffer", "gbuffer.exr")),
                hdri=hdri_from_channels(hdri_channels, data.get("hdri", "hdri.exr")),
-               camera=camera, options=options, frame=data.get("frame", 1))
+               camera=camera, options=options, frame=data.get("frame", 1), lights=lights)
 
 
 def load_job(path: str | Path, defaults: Options | None = None) -> Job:
@@ -344,14 +356,15 @@ def write_job(job: Job, folder: str | Path, *, half: bool = False) -> Path:
     write_exr(folder / "hdri.exr", {c: job.hdri[..., i] for i, c in enumerate("RGB")}, half=False)
     data = {"format": FORMAT, "version": VERSION, "width": job.width, "height": job.height,
             "gbuffer": "gbuffer.exr", "hdri": "hdri.exr", "frame": job.frame,
-            "camera": job.camera.to_dict(), "options": asdict(job.options)}
+            "camera": job.camera.to_dict(), "options": asdict(job.options),
+            "lights": [light.to_dict() for light in job.lights]}
     (folder / "job.json").write_text(json.dumps(data, indent=1))
     return folder / "job.json"
 
 
 def result_channels(result: Result) -> dict[str, np.ndarray]:
     channels: dict[str, np.ndarray] = {}
-    for name in ("shaded", "unshadowed", "shadow", "mask"):
+    for name in ("shaded", "unshadowed", "lights", "shadow", "mask"):
         channels.update(_layer_channels(name, getattr(result, name)))
     return channels
 
@@ -366,6 +379,7 @@ def read_result(path: str | Path) -> Result:
     try:
         return Result(shaded=_gather_layer("shaded", 3, layers["shaded"], str(path)),
                       unshadowed=_gather_layer("unshadowed", 3, layers["unshadowed"], str(path)),
+                      lights=_gather_layer("lights", 3, layers["lights"], str(path)),
                       shadow=_gather_layer("shadow", 1, layers["shadow"], str(path)),
                       mask=_gather_layer("mask", 1, layers["mask"], str(path)), meta=meta)
     except KeyError as missing:

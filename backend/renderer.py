@@ -9,6 +9,10 @@ new or rotated HDRI is a radiance lookup at fixed directions and one contraction
 
 Shaders with a fast path (backend/fastpath.py: the default shader and GGX) are evaluated through it
 unless the renderer is built with fast=False, which runs the plain reference path of shaders.py.
+
+The job's analytic lights (backend/lights.py) are shaded exactly per pixel beside the HDRI and added after
+the shadow estimator, which sees the HDRI's part only; a light's shadow is its per-pixel visibility
+(Renderer.light_visibility). They are cheap, so a relight evaluates them again; the cache is HDRI-only.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from . import fastpath
 from .camera import view_directions, world_positions
 from .envmap import EnvironmentMap
 from .jobformat import Camera, GBuffer, Job, Options, Result
+from .lights import DEFAULT_SAMPLES, Light, shade_lights
 from .models import ShadingModel, load_model
 from .sampling import PER_PIXEL, make_rays
 from .shaders import PixelInputs
@@ -61,6 +66,7 @@ class PreparedGBuffer:
     width: int
     index: torch.Tensor  # (P,) flat indices of foreground pixels
     pixels: PixelInputs
+    positions: torch.Tensor  # (P, 3) world positions of the foreground pixels
     images: dict[str, torch.Tensor]  # (1, C, H, W) inputs of the shadow net, and world positions
     mask: np.ndarray
     camera: Camera
@@ -86,7 +92,8 @@ class PreparedGBuffer:
 
         images = {name: image(getattr(gbuffer, name)) for name in ("albedo", "normal", "ao", "depth", "mask")}
         images["position"] = image(position)
-        return cls(height, width, torch.from_numpy(index).to(device), pixels, images, gbuffer.mask, camera)
+        return cls(height, width, torch.from_numpy(index).to(device), pixels, pick(position.astype(np.float32)),
+                   images, gbuffer.mask, camera)
 
     def visibility(self, envmap: EnvironmentMap, rotation: float = 0.0) -> torch.Tensor:
         """The screen-space direct-light visibility (1, 1, H, W) under the HDRI rotated by `rotation` about +Z."""
@@ -146,16 +153,19 @@ class Renderer:
     precision: "fp32" or "bf16" (the fast path's hidden-layer products, the shadow net under autocast);
     compile: torch.compile the
     fast path's chunk function (falls back to eager where inductor cannot compile); triton: the fused
-    Triton kernel for shared ray sets (CUDA; backend/fastpath_triton.py).
+    Triton kernel for shared ray sets (CUDA; backend/fastpath_triton.py); light_samples: samples per
+    area light, soft sun and sphere light.
     """
 
     def __init__(self, device: str | None = None, defaults: Options | None = None, *, fast: bool = True,
-                 precision: str = "fp32", compile: bool = False, triton: bool = False):
+                 precision: str = "fp32", compile: bool = False, triton: bool = False,
+                 light_samples: int = DEFAULT_SAMPLES):
         if precision not in fastpath.PRECISIONS:
             raise ValueError(f"precision must be one of {list(fastpath.PRECISIONS)}, got {precision!r}")
         self.device = pick_device(device)
         self.defaults = defaults or Options()
         self.fast, self.precision, self.compile, self.triton = fast, precision, compile, triton
+        self.light_samples = light_samples
         self._models: dict[str, ShadingModel] = {}
         self._fast_shaders: dict[str, fastpath.FastShader] = {}
 
@@ -184,7 +194,7 @@ class Renderer:
     def render(self, job: Job, *, progress: Progress | None = None, cancel: CancelCheck | None = None) -> Result:
         started = time.perf_counter()
         prepared = self.prepare(job)
-        return self.shade(prepared, job.hdri, job.options, progress=progress, cancel=cancel,
+        return self.shade(prepared, job.hdri, job.options, lights=job.lights, progress=progress, cancel=cancel,
                           timings={"prepare_ms": (time.perf_counter() - started) * 1e3})
 
     def _chunks(self, model: ShadingModel, count: int, rays: int, cancel: CancelCheck | None,
@@ -209,10 +219,10 @@ class Renderer:
                 progress(0.9 * start / max(count, 1))
 
     @torch.inference_mode()
-    def shade(self, prepared: PreparedGBuffer, hdri: np.ndarray, options: Options, *,
+    def shade(self, prepared: PreparedGBuffer, hdri: np.ndarray, options: Options, *, lights: list[Light] = (),
               progress: Progress | None = None, cancel: CancelCheck | None = None,
               timings: dict | None = None) -> Result:
-        """Shade a prepared G-buffer under an HDRI: the whole render after prepare(), and a relight."""
+        """Shade a prepared G-buffer under an HDRI and lights: the whole render after prepare(), and a relight."""
         timings = dict(timings or {})
         started = time.perf_counter()
         model = self.model(options.model)
@@ -235,7 +245,8 @@ class Renderer:
 
         self._chunks(model, len(prepared.pixels), options.rays, cancel, progress, work)
         timings["shade_ms"] = (time.perf_counter() - started) * 1e3
-        return self._finish(prepared, colour, model, options, envmap, 0.0, timings, progress)
+        lit = self._shade_lights(prepared, lights, options, cancel, timings)
+        return self._finish(prepared, colour, lit, model, options, envmap, 0.0, timings, progress)
 
     # -- relighting -----------------------------------------------------------------------------------
 
@@ -279,9 +290,10 @@ class Renderer:
 
     @torch.inference_mode()
     def relight(self, cache: RelightCache, hdri: np.ndarray, rotation: float = 0.0, *, options: Options | None = None,
-                progress: Progress | None = None, timings: dict | None = None) -> Result:
+                lights: list[Light] = (), progress: Progress | None = None, timings: dict | None = None) -> Result:
         """Shade the cached G-buffer under an HDRI rotated by `rotation` radians about +Z (as
-        EnvironmentMap.rotated): a radiance lookup at the cached directions, one contraction, the shadow net.
+        EnvironmentMap.rotated): a radiance lookup at the cached directions, one contraction, the shadow net;
+        the lights (not rotated: they are scene objects) are shaded afresh.
         `options` (default: the cache's) may differ from the cache's only outside model, rays, sampling, seed."""
         options = options or cache.options
         if not cache.matches(cache.prepared, options):
@@ -296,19 +308,56 @@ class Renderer:
         else:
             colour = (cache.weights * radiance).sum(-1).T
         timings["shade_ms"] = (time.perf_counter() - started) * 1e3
+        lit = self._shade_lights(cache.prepared, lights, options, None, timings)
         model = self.model(options.model)
-        return self._finish(cache.prepared, colour.contiguous(), model, options, envmap, rotation, timings, progress)
+        return self._finish(cache.prepared, colour.contiguous(), lit, model, options, envmap, rotation, timings,
+                            progress)
+
+    # -- analytic lights -------------------------------------------------------------------------------
+
+    def light_visibility(self, prepared: PreparedGBuffer, lights: list[Light]) -> list[torch.Tensor | None]:
+        """Per light, the foreground pixels' visibility of it, (P,) or (P, S) for its samples, or None
+        (fully visible). The shadow maps' hook; for now every light is fully visible."""
+        return [None] * len(lights)
+
+    def _shade_lights(self, prepared: PreparedGBuffer, lights: list[Light], options: Options,
+                      cancel: CancelCheck | None, timings: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """The lights' (shadowed, unshadowed) radiance per foreground pixel, (P, 3) each, in chunks."""
+        started = time.perf_counter()
+        count = len(prepared.pixels)
+        shadowed, unshadowed = (torch.zeros(count, 3, device=self.device) for _ in range(2))
+        if not lights:
+            return shadowed, unshadowed
+        shader = self.shader_for(options.model)
+        visibility = self.light_visibility(prepared, lights)
+
+        def work(start: int, stop: int) -> None:
+            seen = [None if v is None else v[start:stop] for v in visibility]
+            shadowed[start:stop], unshadowed[start:stop] = shade_lights(
+                shader, prepared.pixels.slice(start, stop), prepared.positions[start:stop], lights, seen,
+                samples=self.light_samples, seed=options.seed)
+
+        self._chunks(self.model(options.model), count, self.light_samples * len(lights), cancel, None, work)
+        timings["lights_ms"] = (time.perf_counter() - started) * 1e3
+        return shadowed, unshadowed
 
     # -- the image-space part -------------------------------------------------------------------------
 
-    def _finish(self, prepared: PreparedGBuffer, colour: torch.Tensor, model: ShadingModel, options: Options,
-                envmap: EnvironmentMap, rotation: float, timings: dict, progress: Progress | None) -> Result:
-        """Scatter the shaded pixels into an image, apply the shadow estimator, and build the result."""
+    def _finish(self, prepared: PreparedGBuffer, colour: torch.Tensor, lit: tuple[torch.Tensor, torch.Tensor],
+                model: ShadingModel, options: Options, envmap: EnvironmentMap, rotation: float, timings: dict,
+                progress: Progress | None) -> Result:
+        """Scatter the shaded pixels into images, apply the shadow estimator to the HDRI's part, add the
+        lights' (shadowed, unshadowed) part `lit`, and build the result."""
         started = time.perf_counter()
         height, width = prepared.height, prepared.width
-        unshadowed = torch.zeros(height * width, 3, device=self.device)
-        unshadowed[prepared.index] = colour
-        unshadowed = unshadowed.view(height, width, 3)
+
+        def image(values: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros(height * width, 3, device=self.device)
+            out[prepared.index] = values
+            return out.view(height, width, 3)
+
+        unshadowed = image(colour)
+        lights, lights_unshadowed = image(lit[0]), image(lit[1])
         shaded, shadow = unshadowed, torch.ones(height, width, device=self.device)
         if options.shadows and model.shadow is not None:
             images = prepared.images
@@ -326,5 +375,6 @@ class Renderer:
             progress(1.0)
         meta = {**asdict(options), "device": str(self.device), "model_info": model.info,
                 "timings": {k: round(v, 3) for k, v in timings.items()}}
-        return Result(shaded=shaded.cpu().numpy(), unshadowed=unshadowed.cpu().numpy(),
-                      shadow=shadow.cpu().numpy(), mask=prepared.mask.copy(), meta=meta)
+        return Result(shaded=(shaded + lights).cpu().numpy(),
+                      unshadowed=(unshadowed + lights_unshadowed).cpu().numpy(),
+                      lights=lights.cpu().numpy(), shadow=shadow.cpu().numpy(), mask=prepared.mask.copy(), meta=meta)

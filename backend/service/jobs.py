@@ -20,6 +20,7 @@ import torch
 
 from ..envmap import EnvironmentMap
 from ..jobformat import Job, Options, Result
+from ..lights import Light
 from ..renderer import Cancelled, PreparedGBuffer, RelightCache, Renderer
 from .logs import event
 
@@ -50,6 +51,7 @@ class ServiceJob:
     gbuffer_key: str  # id of the job that uploaded the G-buffer this job shades
     job: Job | None = None  # the upload, until the worker has prepared its G-buffer; None for relights
     rotation: float = 0.0  # radians about +Z applied to the HDRI (relights)
+    lights: list[Light] = field(default_factory=list)  # the upload's analytic lights, kept by its relights
     status: str = QUEUED
     progress: float = 0.0
     error: str | None = None
@@ -96,7 +98,8 @@ class JobManager:
 
     def submit(self, job: Job, decode_ms: float) -> ServiceJob:
         job_id = uuid.uuid4().hex
-        record = ServiceJob(job_id, job.options, job.hdri, job_id, job, timings={"decode_ms": decode_ms})
+        record = ServiceJob(job_id, job.options, job.hdri, job_id, job, lights=job.lights,
+                            timings={"decode_ms": decode_ms})
         self._enqueue(record)
         return record
 
@@ -115,7 +118,7 @@ class JobManager:
         with self._cond:
             self.require_gbuffer(source)
             record = ServiceJob(uuid.uuid4().hex, options, hdri, source.gbuffer_key, rotation=rotation,
-                                timings={"decode_ms": decode_ms})
+                                lights=source.lights, timings={"decode_ms": decode_ms})
             self._enqueue(record)
         return record
 
@@ -213,12 +216,12 @@ class JobManager:
             cache = self._relight_cache(record, prepared, progress) if record.job is None else None
             if cache is not None:
                 result = self.renderer.relight(cache, record.hdri, record.rotation, options=record.options,
-                                               progress=progress, timings=record.timings)
+                                               lights=record.lights, progress=progress, timings=record.timings)
             else:
                 hdri = record.hdri
                 if record.rotation:
                     hdri = EnvironmentMap(hdri).rotated(record.rotation).image.numpy()
-                result = self.renderer.shade(prepared, hdri, record.options, progress=progress,
+                result = self.renderer.shade(prepared, hdri, record.options, lights=record.lights, progress=progress,
                                              cancel=record.cancel.is_set, timings=record.timings)
         except Cancelled:
             return CANCELLED, "the service shut down" if self._stopping else "cancelled by request"

@@ -86,7 +86,7 @@ def test_wrong_size_layer(job_dir):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"version": 2}, "unknown format version 2"),
+    ({"version": 3}, "unknown format version 3"),
     ({"format": "other"}, "'format' must be 'pbnds-job'"),
     ({"width": 0}, "'width' must be an integer"),
     ({"options": {"rays": 0}}, "'rays' must be an integer"),
