@@ -8,7 +8,8 @@ JobError naming the file, layer or option at fault; nothing is clamped or renorm
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -284,14 +285,30 @@ def _read(reader, source: str):
 
 
 def job_from_parts(job_data: dict, gbuffer_channels: dict, hdri_channels: dict,
-                   defaults: Options | None = None) -> Job:
+                   defaults: Options | None = None, read: Callable[[str], dict] | None = None) -> Job:
+    """A job from job.json's dict and its EXRs' channels; read(file) gives the channels of another file
+    of the job (the lights' shadow maps)."""
     data, camera, _, lights = parse_job_json(job_data)
     options = Options.from_dict(data.get("options"), defaults)
     width, height = data["width"], data["height"]
     return Job(width=width, height=height,
                gbuffer=gbuffer_from_channels(gbuffer_channels, width, height, data.get("gbuffer", "gbuffer.exr")),
                hdri=hdri_from_channels(hdri_channels, data.get("hdri", "hdri.exr")),
-               camera=camera, options=options, frame=data.get("frame", 1), lights=lights)
+               camera=camera, options=options, frame=data.get("frame", 1),
+               lights=_with_shadow_maps(lights, read))
+
+
+def _with_shadow_maps(lights: list[Light], read: Callable[[str], dict] | None) -> list[Light]:
+    """The lights with their `shadow` objects read into ShadowMaps (backend/shadowmaps.py)."""
+    from .shadowmaps import parse_shadow  # it imports this module
+
+    def channels(file: str) -> dict:
+        if read is None:
+            raise JobError(f"job.json: shadow map {file!r} was not given with the job")
+        return read(file)
+
+    return [light if light.shadow is None else
+            replace(light, shadow=parse_shadow(light.shadow, light.type, light.name, channels)) for light in lights]
 
 
 def load_job(path: str | Path, defaults: Options | None = None) -> Job:
@@ -313,12 +330,19 @@ def load_job(path: str | Path, defaults: Options | None = None) -> Job:
             raise JobError(f"job.json: {key} file {data[key]!r} does not exist beside {path.name}")
     gbuffer_channels, _ = _read(lambda: read_exr(path.parent / data["gbuffer"]), data["gbuffer"])
     hdri_channels, _ = _read(lambda: read_exr(path.parent / data["hdri"]), data["hdri"])
-    return job_from_parts(data, gbuffer_channels, hdri_channels, defaults)
+
+    def read(file: str) -> dict:
+        if not (path.parent / file).is_file():
+            raise JobError(f"job.json: shadow map file {file!r} does not exist beside {path.name}")
+        return _read(lambda: read_exr(path.parent / file), file)[0]
+
+    return job_from_parts(data, gbuffer_channels, hdri_channels, defaults, read)
 
 
 def job_from_bytes(job_json: bytes, gbuffer_exr: bytes, hdri_exr: bytes,
-                   defaults: Options | None = None) -> Job:
-    """Read a job uploaded as bytes (the service's path)."""
+                   defaults: Options | None = None, files: dict[str, bytes] | None = None) -> Job:
+    """Read a job uploaded as bytes (the service's path); `files`: the job's other files (shadow maps) by
+    the name job.json gives them."""
     try:
         data = json.loads(job_json)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -326,7 +350,14 @@ def job_from_bytes(job_json: bytes, gbuffer_exr: bytes, hdri_exr: bytes,
     parse_job_json(data)
     gbuffer_channels, _ = _read(lambda: read_exr_bytes(gbuffer_exr, "gbuffer.exr"), "gbuffer.exr")
     hdri_channels, _ = _read(lambda: read_exr_bytes(hdri_exr, "hdri.exr"), "hdri.exr")
-    return job_from_parts(data, gbuffer_channels, hdri_channels, defaults)
+    files = files or {}
+
+    def read(file: str) -> dict:
+        if file not in files:
+            raise JobError(f"job.json: shadow map file {file!r} was not uploaded with the job")
+        return _read(lambda: read_exr_bytes(files[file], file), file)[0]
+
+    return job_from_parts(data, gbuffer_channels, hdri_channels, defaults, read)
 
 
 def hdri_from_bytes(hdri_exr: bytes) -> np.ndarray:
@@ -357,9 +388,16 @@ def write_job(job: Job, folder: str | Path, *, half: bool = False) -> Path:
     data = {"format": FORMAT, "version": VERSION, "width": job.width, "height": job.height,
             "gbuffer": "gbuffer.exr", "hdri": "hdri.exr", "frame": job.frame,
             "camera": job.camera.to_dict(), "options": asdict(job.options),
-            "lights": [light.to_dict() for light in job.lights]}
+            "lights": [_light_entry(light, folder) for light in job.lights]}
     (folder / "job.json").write_text(json.dumps(data, indent=1))
     return folder / "job.json"
+
+
+def _light_entry(light: Light, folder: Path) -> dict:
+    """A light's job.json entry; a shadow map that was read (a ShadowMap) is written beside job.json."""
+    if light.shadow is None or isinstance(light.shadow, dict):
+        return light.to_dict()
+    return {**replace(light, shadow=None).to_dict(), "shadow": light.shadow.write(folder)}
 
 
 def result_channels(result: Result) -> dict[str, np.ndarray]:

@@ -74,7 +74,7 @@ class Light:
     type: ClassVar[str]
     FIELDS: ClassVar[dict] = {}
     name: str = ""
-    shadow: dict | None = None  # opaque here; backend/shadowmaps.py defines it
+    shadow: dict | None = None  # opaque here; a ShadowMap (backend/shadowmaps.py) once the job's files are read
 
     @classmethod
     def from_dict(cls, data: dict, index: int) -> Light:

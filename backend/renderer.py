@@ -33,6 +33,8 @@ from .lights import DEFAULT_SAMPLES, Light, shade_lights
 from .models import ShadingModel, load_model
 from .sampling import PER_PIXEL, make_rays
 from .shaders import PixelInputs
+from .shadowmaps import ShadowMap, light_size
+from .shadowmaps import visibility as shadow_visibility
 from .visibility import light_directions, screen_space_visibility
 
 Progress = Callable[[float], None]
@@ -317,8 +319,9 @@ class Renderer:
 
     def light_visibility(self, prepared: PreparedGBuffer, lights: list[Light]) -> list[torch.Tensor | None]:
         """Per light, the foreground pixels' visibility of it, (P,) or (P, S) for its samples, or None
-        (fully visible). The shadow maps' hook; for now every light is fully visible."""
-        return [None] * len(lights)
+        (fully visible): from its shadow map (backend/shadowmaps.py); a light without one is fully visible."""
+        return [shadow_visibility(light.shadow, prepared.positions, prepared.pixels.normal, light_size(light))
+                if isinstance(light.shadow, ShadowMap) else None for light in lights]
 
     def _shade_lights(self, prepared: PreparedGBuffer, lights: list[Light], options: Options,
                       cancel: CancelCheck | None, timings: dict) -> tuple[torch.Tensor, torch.Tensor]:

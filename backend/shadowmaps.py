@@ -15,10 +15,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from .exrio import write_exr
 from .jobformat import JobError, _gather_layer, _split_layers
 
 PROJECTIONS = ("orthographic", "perspective", "equirectangular")
@@ -41,11 +43,25 @@ class ShadowMap:
     """One light's depth map, float32, row 0 at the top; misses are +inf."""
 
     light: str  # the light's name, for messages
+    file: str  # relative to job.json
     projection: str
     world_to_light: np.ndarray  # (4, 4)
     matrix: np.ndarray | None  # (4, 4) OpenGL clip matrix; None for equirectangular
     bias: float
     depth: np.ndarray  # (H, W)
+
+    def to_dict(self) -> dict:
+        """The light entry's `shadow` object."""
+        value = {"file": self.file, "projection": self.projection, "world_to_light": self.world_to_light.tolist(),
+                 "bias": self.bias}
+        if self.matrix is not None:
+            value["matrix"] = self.matrix.tolist()
+        return value
+
+    def write(self, folder: Path) -> dict:
+        """Write the map's EXR into `folder` (beside job.json); return the `shadow` object."""
+        write_exr(folder / self.file, {"depth.Z": self.depth})
+        return self.to_dict()
 
 
 def _matrix(value, where: str) -> np.ndarray:
@@ -95,7 +111,17 @@ def parse_shadow(value, light_type: str, light: str,
         raise JobError(f"{file} (shadow map of light {light!r}): an equirectangular map must be 2:1, "
                        f"got {depth.shape[1]}x{depth.shape[0]}")
     depth = np.where(depth >= EMPTY, np.inf, depth).astype(np.float32)
-    return ShadowMap(light, projection, world_to_light, matrix, float(bias), depth)
+    return ShadowMap(light, file, projection, world_to_light, matrix, float(bias), depth)
+
+
+def light_size(light) -> float:
+    """The extent of a light (backend/lights.py) that softens its shadow, as visibility() takes it: tan of
+    a sun's angular radius, a sphere light's radius, the radius of the disc of an area light's area."""
+    if light.type == "sun":
+        return math.tan(min(light.angle, 3.0) / 2)
+    if light.type == "area":
+        return math.sqrt(light.area / math.pi)
+    return light.radius
 
 
 def _project(shadow: ShadowMap, points: torch.Tensor, height: int, width: int):

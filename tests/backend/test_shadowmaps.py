@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from backend.exrio import write_exr
-from backend.jobformat import JobError
+from backend.jobformat import Camera, Job, JobError, Options, job_from_bytes, load_job, write_job
+from backend.lights import Sun
+from backend.renderer import Renderer
 from backend.shadowmaps import ShadowMap, parse_shadow, visibility
-from backend.synthetic import look_at, orthographic, perspective
+from backend.synthetic import Plane, Sphere, constant_hdri, look_at, orthographic, perspective, trace
 
 CENTRE, RADIUS = np.array([0.0, 0.0, 1.0]), 0.5  # the sphere; the plane is z = 0, |x|, |y| <= EXTENT
 EXTENT = 3.0
@@ -38,7 +40,7 @@ def render_map(projection, world_to_light, matrix=None, size=256):
         lon, polar = (col / width - 0.5) * 2 * math.pi, row / height * math.pi
         local = np.stack([np.sin(polar) * np.sin(lon), np.cos(polar), -np.sin(polar) * np.cos(lon)], -1)
         directions = local @ to_world[:3, :3].T
-        return ShadowMap("light", projection, world_to_light, None, 0.0,
+        return ShadowMap("light", "shadow_0.exr", projection, world_to_light, None, 0.0,
                          hits(np.broadcast_to(to_world[:3, 3], directions.shape), directions).astype(np.float32))
     ndc = np.stack([col / width * 2 - 1, 1 - row / height * 2], -1)
     unproject = to_world @ np.linalg.inv(matrix)
@@ -49,7 +51,7 @@ def render_map(projection, world_to_light, matrix=None, size=256):
     view_axis = -to_world[:3, 2]
     origins = near - (((near - to_world[:3, 3]) @ view_axis) / (directions @ view_axis))[..., None] * directions
     depth = hits(origins, directions) * (directions @ view_axis)  # along the view axis, from the camera's plane
-    return ShadowMap("light", projection, world_to_light, matrix, 0.0, depth.astype(np.float32))
+    return ShadowMap("light", "shadow_0.exr", projection, world_to_light, matrix, 0.0, depth.astype(np.float32))
 
 
 def sun_map(direction, size=256):
@@ -194,3 +196,31 @@ def test_parse_shadow(tmp_path):
     write_exr(tmp_path / "shadow_0.exr", {"Combined.R": depth})
     with pytest.raises(JobError, match="depth"):
         parse_shadow(entry, "point", "Lamp", read)
+
+
+def test_a_job_with_a_shadowed_sun_renders_its_shadow_and_round_trips(tmp_path):
+    """write_job writes the map beside job.json, load_job and job_from_bytes read it back, and the
+    renderer's lights layer is dark exactly where the sphere blocks the sun (ray-traced)."""
+    sun = unit([0.5, 0.2, 1.0])
+    camera = Camera(look_at((0.0, -4.5, 3.0), (0.0, 0.0, 0.3)), perspective(40.0, 1.0))
+    gbuffer = trace(camera, 64, 64, [Plane(0.0, EXTENT), Sphere(tuple(CENTRE), RADIUS)])
+    light = Sun(name="Sun", direction=tuple(sun), irradiance=(3.0, 3.0, 3.0), shadow=sun_map(sun))
+    job = Job(64, 64, gbuffer, constant_hdri((0.0, 0.0, 0.0)), camera, Options(model="lambert", rays=1, shadows=False),
+              lights=[light])
+    write_job(job, tmp_path)
+    assert (tmp_path / "shadow_0.exr").is_file()
+    loaded = load_job(tmp_path)
+    np.testing.assert_array_equal(loaded.lights[0].shadow.depth, light.shadow.depth)
+    result = Renderer("cpu").render(loaded)
+    plane = (gbuffer.mask > 0) & (gbuffer.normal[..., 2] > 0.99)
+    shadowed = result.lights[..., 0][plane] < 0.5 * result.unshadowed[..., 0][plane]
+    expected = miss_distance(gbuffer.position[plane].astype(np.float64), sun) < 0
+    assert 0.03 < expected.mean() and (shadowed == expected).mean() > 0.98
+    files = {"shadow_0.exr": (tmp_path / "shadow_0.exr").read_bytes()}
+    parts = [(tmp_path / name).read_bytes() for name in ("job.json", "gbuffer.exr", "hdri.exr")]
+    assert job_from_bytes(*parts, files=files).lights[0].shadow.projection == "orthographic"
+    with pytest.raises(JobError, match="shadow_0.exr.*not uploaded"):
+        job_from_bytes(*parts)
+    (tmp_path / "shadow_0.exr").unlink()
+    with pytest.raises(JobError, match="shadow_0.exr.*does not exist"):
+        load_job(tmp_path)
