@@ -69,13 +69,16 @@ def discover(url="", token="", timeout=30.0):
 
 
 def encode_multipart(fields):
-    """Encode {name: bytes | str | (filename, bytes, content_type)} as multipart/form-data.
+    """Encode {name: bytes | str | (filename, bytes, content_type) | [those]} as multipart/form-data.
 
-    Returns (body, content_type header). Plain values become ordinary form fields.
+    Returns (body, content_type header). Plain values become ordinary form fields; a list repeats the
+    field once per item (several files under one name).
     """
     boundary = "pbnds-" + secrets.token_hex(16)
     out = io.BytesIO()
-    for name, value in fields.items():
+    parts = [(name, item) for name, value in fields.items()
+             for item in (value if isinstance(value, list) else [value])]
+    for name, value in parts:
         out.write(f"--{boundary}\r\n".encode())
         if isinstance(value, tuple):
             filename, data, ctype = value
@@ -166,6 +169,8 @@ class ServiceClient:
             "job": ("job.json", job_json.read_bytes(), "application/json"),
             "gbuffer": ("gbuffer.exr", (root / job["gbuffer"]).read_bytes(), "application/octet-stream"),
             "hdri": ("hdri.exr", (root / job["hdri"]).read_bytes(), "application/octet-stream"),
+            "shadow_maps": [(light["shadow"]["file"], (root / light["shadow"]["file"]).read_bytes(),
+                             "application/octet-stream") for light in job.get("lights", []) if "shadow" in light],
         }
         body, ctype = encode_multipart(fields)
         return self.json("POST", "/v1/jobs", body, ctype)["id"]

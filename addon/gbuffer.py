@@ -32,7 +32,7 @@ from pathlib import Path
 
 import bpy
 
-from . import lights, world
+from . import lights, shadowmaps, world
 from .scene_state import ExportCancelled, ExportError, check_cancel, preserved, temporary_copy
 
 __all__ = ["ExportError", "ExportCancelled", "export_job", "camera_matrices"]
@@ -48,14 +48,16 @@ _AOV_LAYERS = (("albedo", "COLOR"), ("specular", "COLOR"), ("roughness", "VALUE"
 
 
 def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=None, frame=None,
-               cancel_check=None, progress=None, hdri_width=512, position=True, warnings=None):
+               cancel_check=None, progress=None, hdri_width=512, position=True, warnings=None,
+               shadow_map_size=512):
     """Write ``out_dir``/{gbuffer.exr, hdri.exr, job.json} for ``scene``; return the job.json path.
 
     ``width``/``height`` override the render size (else resolution x percentage); ``frame`` the
     scene's current frame. ``cancel_check()`` returning True raises ExportCancelled between steps,
     ``progress(fraction, message)`` reports them. The export's warnings (what the job leaves out,
-    addon/lights.py) are appended to the list ``warnings`` when one is given. The scene is left as
-    it was in every case.
+    addon/lights.py) are appended to the list ``warnings`` when one is given. Each light gets a shadow
+    map of ``shadow_map_size`` pixels (addon/shadowmaps.py; 0: none, its light unshadowed). The scene
+    is left as it was in every case.
     """
     out_dir = Path(out_dir).resolve()
 
@@ -78,7 +80,7 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
         matrices = camera_matrices(temp, view_layer, width, height)
         job_lights, light_warnings = lights.export_lights(temp, view_layer.depsgraph)
         step(0.1, "Rendering G-buffer")
-        for stale in ("job.json", "gbuffer.exr"):  # never leave a job mixing two exports
+        for stale in ["job.json", "gbuffer.exr", *out_dir.glob("shadow_*.exr")]:  # never mix two exports
             _remove(out_dir / stale)
         bpy.ops.render.render(write_still=False, scene=temp.name)
         if not (out_dir / "gbuffer.exr").exists():
@@ -86,6 +88,10 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
         step(0.7, "Capturing the world HDRI and its suns")
         world.capture_hdri(temp, out_dir / "hdri.exr", width=hdri_width)
         job_lights += world.world_suns(temp)
+    if shadow_map_size and job_lights:
+        step(0.8, "Rendering the lights' shadow maps")
+        shadowmaps.render_shadow_maps(scene, job_lights, out_dir, size=shadow_map_size, frame=frame,
+                                      cancel_check=cancel_check)
     step(0.95, "Writing job.json")
     job = {"format": "pbnds-job", "version": 2, "width": width, "height": height,
            "gbuffer": "gbuffer.exr", "hdri": "hdri.exr", "frame": frame, "camera": matrices,

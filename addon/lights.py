@@ -10,8 +10,8 @@ predicted from the exported entry.
   for a sharp sun at 30 degrees and for a 20-degree sun with exposure 1.
 - point: ``intensity = S / 4pi`` (W/sr), ``radius`` = the light's radius, not scaled by the object
   (scale 0.5 and 2 changed nothing); E = I cos / d^2, ratio 1.000 for radius 0.1 and 0.5. With
-  "Soft Falloff" (the default) Cycles renders E = I cos / (d^2 + r^2) (ratio 1.0000): that is no
-  sphere light, so a soft-falloff light with a radius is exported as a sphere and warned about.
+  "Soft Falloff" (the default) Cycles renders E = I cos / (d^2 + r^2) (ratio 1.0000): exported
+  as ``soft_falloff`` (a disc of the radius facing the surface, which gives exactly that).
 - spot: as a point, plus ``spot_size``, ``spot_blend`` as is and ``direction`` = the object's -Z.
   Measured attenuation: smoothstep((cos a - cos(size/2)) / ((1 - cos(size/2)) x blend)) with no
   extra cosine (ratio 1.000 at 60/0.5, 40/0, 90/1; with an extra cosine it was 1.03-1.16).
@@ -111,11 +111,9 @@ def _light_entry(obj, matrix, name, warnings):
         return {"type": "sun", "name": name, "direction": _unit(axes[:, 2]), "irradiance": strength.tolist(),
                 "angle": float(min(light.angle, math.pi))}
     if light.type in {"POINT", "SPOT"}:
-        if light.use_soft_falloff and light.shadow_soft_size > 0:
-            warnings.append(f"light '{name}' uses Soft Falloff: exported as a sphere light, which Cycles "
-                            f"renders brighter by (d^2 + r^2) / d^2 at distance d (r = {light.shadow_soft_size:g} m)")
         entry = {"type": "point", "name": name, "position": position,
-                 "intensity": (strength / (4 * math.pi)).tolist(), "radius": float(light.shadow_soft_size)}
+                 "intensity": (strength / (4 * math.pi)).tolist(), "radius": float(light.shadow_soft_size),
+                 "soft_falloff": bool(light.use_soft_falloff)}
         if light.type == "POINT":
             return entry
         scale = np.linalg.norm(axes, axis=0)

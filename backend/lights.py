@@ -9,7 +9,9 @@ brdf_cos. The sample sets are seeded low-discrepancy sets (the same image every 
   E / sum_s cos(wi_s, axis), so a surface facing the sun receives exactly `irradiance`.
 - point, spot: the direction to the centre with E = I / d^2 (radius 0), or S directions uniform over
   the cone the sphere subtends, normalised in the same way (a uniform sphere of radiance I / (pi r^2)
-  gives a surface facing it exactly I / d^2); a surface inside the sphere gets no light. Spots are
+  gives a surface facing it exactly I / d^2); a surface inside the sphere gets no light. With
+  `soft_falloff` (Blender's default "Soft Falloff") the light is a disc of radius r facing the surface:
+  the cone it subtends, normalised to I / (d^2 + r^2), which is what Cycles renders then. Spots are
   attenuated per sample as Cycles' spot_light_attenuation: smoothstep((cos - cos_half) / ((1 - cos_half)
   blend)) with cos the angle between the spot's axis and the direction from the light to the surface.
 - area: S stratified points over the rectangle or ellipse (Sobol points, concentric map for the
@@ -61,6 +63,12 @@ def _vector(value, where: str, *, unit: bool = False, colour: bool = False) -> t
     if unit and abs(math.sqrt(sum(v * v for v in vector)) - 1) > UNIT_TOLERANCE:
         raise LightError(f"{where} must be a unit vector, got {list(vector)}")
     return vector
+
+
+def _flag(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise LightError(f"{where} must be true or false, got {value!r}")
+    return value
 
 
 def _dot(a, b) -> float:
@@ -157,25 +165,30 @@ class PointLight(Light):
     FIELDS: ClassVar[dict] = {
         "position": _vector,
         "intensity": lambda v, w: _vector(v, w, colour=True),
-        "radius": lambda v, w: _number(v, w, 0.0)}
+        "radius": lambda v, w: _number(v, w, 0.0),
+        "soft_falloff": _flag}
     position: tuple[float, float, float]
     intensity: tuple[float, float, float]
     radius: float = 0.0
+    soft_falloff: bool = False
 
     def sample(self, positions, count, seed):
         offset = _tensor(self.position, positions) - positions
         distance2 = offset.square().sum(-1, keepdim=True)  # (P, 1)
         axis = offset * torch.rsqrt(distance2.clamp(min=1e-20))
-        radiant = _tensor(self.intensity, positions) / distance2.clamp(min=1e-20)  # (P, 3) I / d^2
+        r2 = self.radius**2
+        falloff = distance2 + r2 if self.soft_falloff else distance2
+        radiant = _tensor(self.intensity, positions) / falloff.clamp(min=1e-20)  # (P, 3) I / d^2
         if self.radius == 0:
             directions = axis[:, None]
             irradiance = radiant[:, None]
         else:
-            sin2 = (self.radius**2 / distance2).clamp(max=1)
+            sin2 = (r2 / falloff).clamp(max=1)  # of the cone the sphere (or the facing disc) subtends
             one_minus_cos = sin2 / (1 + torch.sqrt(1 - sin2))  # 1 - cos(half angle), without cancellation
             directions, cos = _cone(axis, one_minus_cos, _unit_square(count, seed, positions))
-            outside = (distance2 > self.radius**2).to(radiant.dtype)
-            irradiance = (radiant * outside / cos.sum(-1, keepdim=True))[:, None].expand(-1, count, -1)
+            if not self.soft_falloff:
+                radiant = radiant * (distance2 > r2).to(radiant.dtype)  # inside the sphere: no light
+            irradiance = (radiant / cos.sum(-1, keepdim=True))[:, None].expand(-1, count, -1)
         return directions, irradiance * self.attenuation(directions)[..., None]
 
     def attenuation(self, directions: torch.Tensor) -> torch.Tensor:

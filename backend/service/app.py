@@ -13,7 +13,7 @@ import time
 from contextlib import asynccontextmanager
 
 import numpy as np
-from fastapi import FastAPI, File, Form, Request
+from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -26,7 +26,7 @@ from .jobs import DONE, GBufferGone, JobManager, QueueFull, UnknownJob
 from .security import Guard
 
 API_VERSION = 1
-RESULT_ARRAYS = ("shaded", "unshadowed", "shadow", "mask")
+RESULT_ARRAYS = ("shaded", "unshadowed", "shadow", "lights", "mask")
 
 
 class NotReady(Exception):
@@ -119,9 +119,16 @@ def create_app(manager: JobManager, *, token: str, max_body: int, allow_remote: 
 
     @app.post("/v1/jobs", status_code=202)
     def submit(job: bytes = File(description="job.json"), gbuffer: bytes = File(description="gbuffer.exr"),
-               hdri: bytes = File(description="hdri.exr")) -> dict:
+               hdri: bytes = File(description="hdri.exr"),
+               shadow_maps: list[UploadFile] = File(default=[], description="the lights' shadow maps, each "
+                                                    "under the file name job.json gives it")) -> dict:
         started = time.perf_counter()
-        parsed = job_from_bytes(job, gbuffer, hdri, renderer.defaults)
+        files = {}
+        for upload in shadow_maps:
+            if upload.filename in files:
+                raise JobError(f"shadow map file {upload.filename!r} was uploaded twice")
+            files[upload.filename] = upload.file.read()
+        parsed = job_from_bytes(job, gbuffer, hdri, renderer.defaults, files)
         check_model(parsed.options)
         record = manager.submit(parsed, decode_ms=(time.perf_counter() - started) * 1e3)
         return {"id": record.id, "status": record.status}

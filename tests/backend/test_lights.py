@@ -62,6 +62,19 @@ def test_a_sphere_light_gives_a_surface_facing_it_exactly_i_over_d2_and_nothing_
     assert (lit(light, pixels, inside) == 0).all()
 
 
+@pytest.mark.parametrize("height", [2.0, 0.3])  # outside and inside the radius
+def test_soft_falloff_gives_i_cos_over_d2_plus_r2_as_cycles(height):
+    """Blender's Soft Falloff (the default of point and spot lights): E = I cos / (d^2 + r^2), a disc
+    facing the surface, with no cut-off inside the radius; far away it is the point light again."""
+    light = PointLight(position=(0.0, 0.0, height), intensity=(5.0, 5.0, 5.0), radius=0.8, soft_falloff=True)
+    pixels, positions = plane(count=1, extent=0.0)
+    expected = ALBEDO[None] / math.pi * 5 / (height**2 + 0.64)
+    torch.testing.assert_close(lit(light, pixels, positions), expected, rtol=1e-5, atol=0)
+    far = torch.tensor([[0.0, 0.0, -200.0]])
+    expected = ALBEDO[None] / math.pi * 5 / (height + 200) ** 2
+    torch.testing.assert_close(lit(light, pixels, far, samples=64), expected, rtol=1e-3, atol=0)
+
+
 def test_a_soft_sun_matches_a_sharp_one_and_keeps_its_irradiance():
     direction = unit(0.4, -0.3, 1.0)
     sharp = Sun(direction=direction, irradiance=(3.0, 2.0, 1.0))

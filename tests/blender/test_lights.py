@@ -96,6 +96,8 @@ CASES = {
                                     exposure=1.0, color=(1.0, 0.6, 0.3)),
     "point": lambda s: add_light(s, "POINT", (0.4, 0.2, 1.5), energy=150.0, shadow_soft_size=0.3,
                                  use_soft_falloff=False, use_temperature=True, temperature=4000),
+    "point soft falloff": lambda s: add_light(s, "POINT", (-0.3, 0.1, 0.8), energy=60.0, shadow_soft_size=0.4,
+                                              use_soft_falloff=True),
     "spot blend": lambda s: add_light(s, "SPOT", (0.3, 0, 2.0), aim=(-0.2, 0.3, 0), energy=300.0, scale=(2, 2, 2),
                                       spot_size=math.radians(70), spot_blend=0.4, shadow_soft_size=0.0),
     "area square": lambda s: add_light(s, "AREA", (0.2, -0.3, 1.2), aim=(0, 0.5, 0), energy=80.0, size=1.0),

@@ -14,7 +14,7 @@ import pytest
 from service_testlib import ROOT, job_files, multipart, result_arrays, slow_job, submit, wait
 
 from backend.exrio import read_exr, write_exr
-from backend.jobformat import Options, load_job, read_result
+from backend.jobformat import Options, load_job, read_result, write_job
 from backend.renderer import Renderer
 from backend.synthetic import constant_hdri, demo_scene_job, load_bundled_hdri, sphere_job
 
@@ -274,3 +274,35 @@ def test_addon_client_end_to_end(service, renderer, tmp_path, monkeypatch):
     svc.wait(job_id, timeout=60)
     arrays = svc.result_arrays(job_id)
     np.testing.assert_array_equal(arrays["shaded"], renderer.render(load_job(tmp_path)).shaded)
+
+
+def test_shadow_maps_are_uploaded_with_the_job_and_used(service, renderer, tmp_path):
+    """The add-on's client sends each light's shadow map as a repeated `shadow_maps` field; the service
+    renders the job exactly as the file path does. A map whose caster covers everything shadows the sun
+    completely; a map the job names but the upload lacks is a 400 naming the file."""
+    from addon.client import ServiceClient
+    from backend.lights import Sun
+    from backend.shadowmaps import ShadowMap
+    from backend.synthetic import look_at, orthographic
+
+    world_to_light = look_at((0.0, 0.0, 10.0), (0.0, 0.0, 0.0), (0.0, 1.0, 0.0))
+    for name, depth in (("open", np.inf), ("covered", 1.0)):
+        depth = np.full((16, 16), depth, np.float32)
+        ceiling = ShadowMap("Sun", "shadow_0.exr", "orthographic", world_to_light, orthographic(3.0, 1.0, 0.1, 20.0),
+                            0.0, depth)
+        job = sphere_job(32, 32, hdri=constant_hdri((0.0, 0.0, 0.0)), options=Options(model="ggx", rays=4))
+        job.lights = [Sun(name="Sun", direction=(0.0, 0.0, 1.0), irradiance=(2.0, 2.0, 2.0), shadow=ceiling)]
+        write_job(job, tmp_path / name)
+        client = ServiceClient(service.url, service.token)
+        job_id = client.submit(tmp_path / name / "job.json")
+        with service.client() as http:
+            assert wait(http, job_id)["status"] == "done"
+            arrays = result_arrays(http, job_id)
+        expected = renderer.render(load_job(tmp_path / name))
+        np.testing.assert_array_equal(arrays["lights"], expected.lights)
+        assert (arrays["lights"].max() > 0.1) == (name == "open")
+    with service.client() as http:
+        files = {n: (tmp_path / "covered" / f).read_bytes() for n, f in
+                 (("job", "job.json"), ("gbuffer", "gbuffer.exr"), ("hdri", "hdri.exr"))}
+        reply = http.post("/v1/jobs", files=multipart(files))
+    assert reply.status_code == 400 and "shadow_0.exr" in reply.json()["detail"]
