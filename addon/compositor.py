@@ -11,7 +11,8 @@ import numpy as np
 
 from . import world
 
-OUTPUTS = (("shaded", "PBNDS Shaded"), ("unshadowed", "PBNDS Unshadowed"), ("shadow", "PBNDS Shadow"))
+OUTPUTS = (("shaded", "PBNDS Shaded"), ("unshadowed", "PBNDS Unshadowed"), ("shadow", "PBNDS Shadow"),
+           ("lights", "PBNDS Lights"))
 
 
 def rgba(arrays, name, transparent=False):

@@ -2,7 +2,7 @@
 
 `__init__.PBNDSRenderEngine` is a thin bpy class that calls `render` and `update_render_passes`
 here. F12 runs: export_job (a nested Cycles render of a scene copy) -> submit -> poll (progress bar,
-Esc cancels the service job) -> Combined, "Unshadowed" and "Shadow" passes of the render result.
+Esc cancels the service job) -> Combined, "Unshadowed", "Shadow" and "Lights" passes of the render result.
 """
 
 import hashlib
@@ -18,7 +18,7 @@ from . import client, compositor, gbuffer, lights, preferences, service_process,
 
 # The engine's own passes: name, channel count, channel ids, type. They reach the compositor's
 # Render Layers node and the multilayer EXR like Cycles' passes.
-PASSES = (("Unshadowed", 3, "RGB", "COLOR"), ("Shadow", 1, "X", "VALUE"))
+PASSES = (("Unshadowed", 3, "RGB", "COLOR"), ("Shadow", 1, "X", "VALUE"), ("Lights", 3, "RGB", "COLOR"))
 
 # Per scene: the last full job on the service, for relight-only renders.
 _last_jobs = {}
@@ -159,21 +159,21 @@ def run_job(svc, scene, workdir, settings, width=None, height=None, frame=None, 
 
 
 def write_result(engine, layer_name, width, height, arrays, transparent, warnings=()):
-    """Fill Combined (RGBA), Unshadowed and Shadow; black when `arrays` is None.
+    """Fill Combined (RGBA), Unshadowed, Shadow and Lights; black when `arrays` is None.
 
     Render result rows are bottom-up while the service's arrays are top-down: flip. `warnings` go into
     the result's metadata (the "PBNDS Warnings" stamp field, saved with EXRs).
     """
     if arrays is None:
         black, zero = np.zeros((height, width, 3), np.float32), np.zeros((height, width), np.float32)
-        arrays = {"shaded": black, "unshadowed": black, "shadow": zero, "mask": zero}
+        arrays = {"shaded": black, "unshadowed": black, "shadow": zero, "lights": black, "mask": zero}
     combined = compositor.rgba(arrays, "shaded", transparent)
-    unshadowed, shadow = arrays["unshadowed"], arrays["shadow"]
     result = engine.begin_result(0, 0, width, height, layer=layer_name)
     if warnings:
         result.stamp_data_add_field("PBNDS Warnings", "; ".join(warnings))
     passes = result.layers[0].passes
-    for name, data in (("Combined", combined), ("Unshadowed", unshadowed), ("Shadow", shadow)):
+    for name, data in (("Combined", combined), ("Unshadowed", arrays["unshadowed"]), ("Shadow", arrays["shadow"]),
+                       ("Lights", arrays["lights"])):
         passes[name].rect.foreach_set(np.ascontiguousarray(data[::-1], np.float32).ravel())
     engine.end_result(result)
 

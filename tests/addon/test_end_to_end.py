@@ -54,7 +54,7 @@ def test_engine_render_fills_combined_and_passes_and_relights(service, tiny_blen
     """, tiny_blend, tmp_path, timeout=300)
     log = proc.stdout + proc.stderr
     assert "Traceback" not in log, log
-    assert {"Unshadowed", "Shadow"} <= set(json.loads(log.split("RL-OUTPUTS ")[1].splitlines()[0]))
+    assert {"Unshadowed", "Shadow", "Lights"} <= set(json.loads(log.split("RL-OUTPUTS ")[1].splitlines()[0]))
     assert log.split("SCENE-CHANGES ")[1].splitlines()[0] == "[]"
     result = json.loads(log.split("RESULT ")[1].splitlines()[0])
     assert result == {"exports": 1, "same_job": True}, "relight-only must not render the G-buffer again"
@@ -70,6 +70,7 @@ def test_engine_render_fills_combined_and_passes_and_relights(service, tiny_blen
     np.testing.assert_allclose(np.stack([full[f"Unshadowed.{c}"] for c in "RGB"], -1), expected["unshadowed"],
                                atol=1e-5)
     np.testing.assert_allclose(full["Shadow.X"], expected["shadow"], atol=1e-5)
+    np.testing.assert_allclose(np.stack([full[f"Lights.{c}"] for c in "RGB"], -1), expected["lights"], atol=1e-5)
     assert fg.sum() > 100 and shaded[fg].mean() > 0.01
     relit = read_exr_parts(tmp_path / "relit.exr")
     relit_shaded = np.stack([relit[f"Combined.{c}"] for c in "RGB"], -1)

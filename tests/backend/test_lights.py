@@ -209,9 +209,9 @@ def test_the_paper_shader_adds_nothing_for_a_dark_light():
 LIGHTS = [
     {"type": "sun", "name": "key", "direction": [0, 0, 1], "irradiance": [3, 3, 3], "angle": 0.01},
     {"type": "point", "name": "bulb", "position": [1, 2, 3], "intensity": [10, 9, 8], "radius": 0.1,
-     "shadow": {"resolution": 512}},
+     "soft_falloff": True, "shadow": {"resolution": 512}},
     {"type": "spot", "name": "spot", "position": [0, 0, 3], "intensity": [5, 5, 5], "direction": [0, 0, -1],
-     "spot_size": 0.8, "spot_blend": 0.15, "radius": 0},
+     "spot_size": 0.8, "spot_blend": 0.15, "radius": 0, "soft_falloff": False},
     {"type": "area", "name": "box", "position": [0, 0, 2], "axes": [[1, 0, 0], [0, 1, 0]], "normal": [0, 0, -1],
      "size": [1, 0.5], "shape": "ellipse", "radiance": [2, 2, 2], "spread": 1.0},
 ]

@@ -256,7 +256,8 @@ def test_npz_has_no_pickled_objects(client, tmp_path):
     data = client.get(f"/v1/jobs/{job_id}/result.npz").content
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         assert {name: npz[name].shape for name in npz.files} == {
-            "shaded": (16, 16, 3), "unshadowed": (16, 16, 3), "shadow": (16, 16), "mask": (16, 16)}
+            "shaded": (16, 16, 3), "unshadowed": (16, 16, 3), "shadow": (16, 16), "lights": (16, 16, 3),
+            "mask": (16, 16)}
 
 
 def test_addon_client_end_to_end(service, renderer, tmp_path, monkeypatch):
