@@ -23,20 +23,6 @@ PASSES = (("Unshadowed", 3, "RGB", "COLOR"), ("Shadow", 1, "X", "VALUE"), ("Ligh
 # Per scene: the last full job on the service, for relight-only renders.
 _last_jobs = {}
 
-# Relight-only asks for a ray set that does not depend on the HDRI, so that the service can keep the
-# per-pixel ray weights of the G-buffer (its relight cache) and re-shade a new or rotated world with a
-# lookup and one contraction instead of a full render (docs/performance.md: ~100 ms at 256x256 on a
-# CPU, against seconds). The scene's importance/mis choice is kept for full renders.
-HDRI_DEPENDENT_SAMPLING = ("importance", "mis")
-RELIGHT_SAMPLING = "stratified"
-
-
-def relight_options(options):
-    """The options of a relight-only request: the scene's, with a cacheable ray set."""
-    if options.get("sampling") in HDRI_DEPENDENT_SAMPLING:
-        return dict(options, sampling=RELIGHT_SAMPLING)
-    return options
-
 
 def update_render_passes(engine, scene, renderlayer):
     engine.register_pass(scene, renderlayer, "Combined", 4, "RGBA", "COLOR")
@@ -111,7 +97,7 @@ def shade(engine, depsgraph, scene, width, height, warnings):
             hdri = f"{workdir}/hdri.exr"
             world.capture_hdri(scene, hdri)
             try:
-                job_id = svc.relight(cached[2], hdri, relight_options(options))
+                job_id = svc.relight(cached[2], hdri, options)
             except client.ServiceError as exc:
                 if exc.status not in (404, 409):
                     raise  # 404: the job is forgotten, 409: its G-buffer was evicted; either way render it again

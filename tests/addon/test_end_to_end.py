@@ -47,6 +47,8 @@ def test_engine_render_fills_combined_and_passes_and_relights(service, tiny_blen
         scene.pbnds.relight_only = True
         second = render("relit")
         print("RESULT", json.dumps({"exports": len(exports), "same_job": first == second}))
+        scene.world.node_tree.nodes["Background"].inputs["Strength"].default_value = 1.0
+        render("relit_same")  # the world of the full render again: the same picture
         tree = bpy.data.node_groups.new("Comp", "CompositorNodeTree")
         scene.compositing_node_group = tree
         rl = tree.nodes.new("CompositorNodeRLayers")
@@ -72,6 +74,8 @@ def test_engine_render_fills_combined_and_passes_and_relights(service, tiny_blen
     np.testing.assert_allclose(full["Shadow.X"], expected["shadow"], atol=1e-5)
     np.testing.assert_allclose(np.stack([full[f"Lights.{c}"] for c in "RGB"], -1), expected["lights"], atol=1e-5)
     assert fg.sum() > 100 and shaded[fg].mean() > 0.01
+    same = read_exr_parts(tmp_path / "relit_same.exr")
+    np.testing.assert_allclose(np.stack([same[f"Combined.{c}"] for c in "RGB"], -1)[fg], shaded[fg], atol=1e-5)
     relit = read_exr_parts(tmp_path / "relit.exr")
     relit_shaded = np.stack([relit[f"Combined.{c}"] for c in "RGB"], -1)
     ratio = relit_shaded[fg].mean() / shaded[fg].mean()
