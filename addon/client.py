@@ -5,6 +5,8 @@ body is built by hand. Proxies are never consulted: the service lives on loopbac
 """
 
 import contextlib
+import hashlib
+import hmac
 import http.client
 import io
 import json
@@ -105,13 +107,19 @@ class ServiceClient:
         self.port = parsed.port or 80
         self.token = token
         self.timeout = timeout
+        self.verified = False  # set by health() once the service has proven that it holds the token
 
     # -- transport ------------------------------------------------------------------------------
 
-    def request(self, method, path, body=None, content_type=None, timeout=None):
-        """Send one request; return (status, headers, body bytes) for 2xx, raise ServiceError else."""
+    def request(self, method, path, body=None, content_type=None, timeout=None, auth=True):
+        """Send one request; return (status, headers, body bytes) for 2xx, raise ServiceError else.
+
+        The token is sent only to a service that has answered health's challenge (see health()).
+        """
         headers = {"Accept": "application/json"}
-        if self.token:
+        if auth and self.token:
+            if not self.verified:
+                self.health(timeout)
             headers["Authorization"] = f"Bearer {self.token}"
         if body is not None:
             headers["Content-Type"] = content_type or "application/json"
@@ -145,8 +153,8 @@ class ServiceClient:
             )
         raise ServiceError(f"PBNDS service: {detail} (HTTP {resp.status} on {method} {path})", resp.status)
 
-    def json(self, method, path, body=None, content_type=None, timeout=None):
-        _, _, data = self.request(method, path, body, content_type, timeout)
+    def json(self, method, path, body=None, content_type=None, timeout=None, auth=True):
+        _, _, data = self.request(method, path, body, content_type, timeout, auth)
         try:
             return json.loads(data)
         except ValueError as exc:
@@ -155,7 +163,22 @@ class ServiceClient:
     # -- endpoints ------------------------------------------------------------------------------
 
     def health(self, timeout=None):
-        return self.json("GET", "/v1/health", timeout=timeout)
+        """The service's health. With a token, the service must also answer a random nonce with
+        HMAC-SHA256(token, nonce): a discovery file left by a crashed service may name a port another
+        program has taken since, and that program must get neither the token nor a job."""
+        nonce = secrets.token_urlsafe(24)
+        reply = self.json("GET", f"/v1/health?nonce={nonce}", timeout=timeout, auth=False)
+        if self.token:
+            expected = hmac.new(self.token.encode(), nonce.encode(), hashlib.sha256).hexdigest()
+            proof = reply.get("proof") if isinstance(reply, dict) else None
+            if not isinstance(proof, str) or not hmac.compare_digest(proof, expected):
+                raise ServiceError(
+                    f"the program at {self.url} is not the PBNDS service that wrote {service_file_path()} "
+                    "(it cannot prove it holds that file's token; the file may be stale): nothing was sent; "
+                    f"{START_HINT}"
+                )
+            self.verified = True
+        return reply
 
     def models(self):
         return self.json("GET", "/v1/models")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .exrio import ExrError, read_exr, read_exr_bytes, write_exr
+from .exrio import ExrError, ExrTooLarge, read_exr, read_exr_bytes, write_exr
 from .lights import Light, LightError, parse_lights
 
 FORMAT = "pbnds-job"
@@ -22,6 +22,9 @@ VERSION = 2
 VERSIONS = (1, 2)  # version 1: no lights
 SAMPLINGS = ("uniform", "cosine", "stratified", "importance", "mis")
 MAX_RAYS = 4096
+MAX_SEED = 2**63 - 1  # torch's generators take seeds below 2^64, and the ray sets add small offsets
+MAX_SIZE = 16384  # width and height
+MAX_CONDITION = 1e14  # camera matrices beyond this condition number cannot be inverted meaningfully
 RANGE_SLACK = 1e-3
 NORMAL_TOLERANCE = 1e-2
 
@@ -35,6 +38,20 @@ ONE_CHANNEL_NAMES = ("Y", "V", "X", "Z", "R", "A")
 
 class JobError(ValueError):
     """A job, G-buffer, HDRI or option that breaks the contract; the message names the problem."""
+
+
+class JobTooLarge(JobError):
+    """A job or file larger than the reader's pixel budget."""
+
+
+def parse_json(data: bytes | str, source: str):
+    """json.loads with a JobError naming `source` for anything that is not JSON or is nested too deeply."""
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise JobError(f"{source} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise JobError(f"{source} is nested too deeply to parse") from None
 
 
 @dataclass
@@ -63,8 +80,8 @@ class Options:
             raise JobError(f"option 'rays' must be an integer in 1..{MAX_RAYS}, got {self.rays!r}")
         if self.sampling not in SAMPLINGS:
             raise JobError(f"option 'sampling' must be one of {list(SAMPLINGS)}, got {self.sampling!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise JobError(f"option 'seed' must be a non-negative integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED:
+            raise JobError(f"option 'seed' must be an integer in 0..2^63-1, got {self.seed!r}")
         if not isinstance(self.shadows, bool):
             raise JobError(f"option 'shadows' must be true or false, got {self.shadows!r}")
 
@@ -138,7 +155,14 @@ def _matrix(value, name: str) -> np.ndarray:
         matrix = None
     if matrix is None or matrix.shape != (4, 4) or not np.isfinite(matrix).all():
         raise JobError(f"job.json: camera.{name} must be a 4x4 matrix of finite numbers")
+    _require_invertible(matrix, f"camera.{name}")
     return matrix
+
+
+def _require_invertible(matrix: np.ndarray, name: str) -> None:
+    """The renderer inverts the camera matrices (backend/camera.py); a singular one fails at submit, not there."""
+    if not np.linalg.cond(matrix) <= MAX_CONDITION:  # inf or NaN for a singular matrix
+        raise JobError(f"job.json: {name} is singular (not invertible)")
 
 
 def parse_job_json(data: dict) -> tuple[dict, Camera, Options, list[Light]]:
@@ -159,15 +183,20 @@ def parse_job_json(data: dict) -> tuple[dict, Camera, Options, list[Light]]:
         raise JobError(f"job.json: unknown key(s) {unknown}{hint}")
     for key in ("width", "height"):
         value = data.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 16384:
-            raise JobError(f"job.json: '{key}' must be an integer in 1..16384, got {value!r}")
-    if not isinstance(data.get("frame", 1), int):
-        raise JobError("job.json: 'frame' must be an integer")
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_SIZE:
+            raise JobError(f"job.json: '{key}' must be an integer in 1..{MAX_SIZE}, got {value!r}")
+    frame = data.get("frame", 1)
+    if isinstance(frame, bool) or not isinstance(frame, int):
+        raise JobError(f"job.json: 'frame' must be an integer, got {frame!r}")
+    for key in ("gbuffer", "hdri"):
+        if not isinstance(data.get(key, ""), str):
+            raise JobError(f"job.json: '{key}' must be a file name, got {data[key]!r}")
     camera = data.get("camera")
     if not isinstance(camera, dict):
         raise JobError("job.json: 'camera' with 'world_to_camera' and 'projection' is required")
     camera = Camera(_matrix(camera.get("world_to_camera"), "world_to_camera"),
                     _matrix(camera.get("projection"), "projection"))
+    _require_invertible(camera.projection @ camera.world_to_camera, "camera.projection @ camera.world_to_camera")
     options = data.get("options", {})
     if not isinstance(options, dict):
         raise JobError("job.json: 'options' must be an object")
@@ -261,7 +290,7 @@ def validate_hdri(hdri: np.ndarray, source: str = "hdri.exr") -> None:
     if width != 2 * height:
         raise JobError(f"{source}: an equirectangular HDRI must be 2:1, got {width}x{height}")
     if not np.isfinite(hdri).all():
-        raise JobError(f"{source}: holds NaN or Inf in {_first_bad_pixel(~np.isfinite(hdri).any(axis=-1))}")
+        raise JobError(f"{source}: holds NaN or Inf in {_first_bad_pixel((~np.isfinite(hdri)).any(axis=-1))}")
     if hdri.min() < 0:
         raise JobError(f"{source}: holds negative radiance in {_first_bad_pixel((hdri < 0).any(axis=-1))}")
 
@@ -280,6 +309,8 @@ def hdri_from_channels(channels: dict[str, np.ndarray], source: str = "hdri.exr"
 def _read(reader, source: str):
     try:
         return reader()
+    except ExrTooLarge as error:
+        raise JobTooLarge(f"{source}: {error}") from None
     except ExrError as error:
         raise JobError(f"{source}: {error}") from None
 
@@ -317,11 +348,10 @@ def load_job(path: str | Path, defaults: Options | None = None) -> Job:
     if path.is_dir():
         path = path / "job.json"
     try:
-        data = json.loads(path.read_text())
+        text = path.read_bytes()
     except FileNotFoundError:
         raise JobError(f"job file {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise JobError(f"{path.name} is not valid JSON: {error}") from None
+    data = parse_json(text, path.name)
     parse_job_json(data)
     for key in ("gbuffer", "hdri"):
         if not isinstance(data.get(key), str):
@@ -339,29 +369,32 @@ def load_job(path: str | Path, defaults: Options | None = None) -> Job:
     return job_from_parts(data, gbuffer_channels, hdri_channels, defaults, read)
 
 
-def job_from_bytes(job_json: bytes, gbuffer_exr: bytes, hdri_exr: bytes,
-                   defaults: Options | None = None, files: dict[str, bytes] | None = None) -> Job:
+def job_from_bytes(job_json: bytes, gbuffer_exr: bytes, hdri_exr: bytes, defaults: Options | None = None,
+                   files: dict[str, bytes] | None = None, max_pixels: int | None = None) -> Job:
     """Read a job uploaded as bytes (the service's path); `files`: the job's other files (shadow maps) by
-    the name job.json gives them."""
-    try:
-        data = json.loads(job_json)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise JobError(f"job.json is not valid JSON: {error}") from None
+    the name job.json gives them. Every image's header is checked before its pixels are decoded: the
+    G-buffer must have the job's size, and no image (nor the job) more than `max_pixels` pixels."""
+    data = parse_json(job_json, "job.json")
     parse_job_json(data)
-    gbuffer_channels, _ = _read(lambda: read_exr_bytes(gbuffer_exr, "gbuffer.exr"), "gbuffer.exr")
-    hdri_channels, _ = _read(lambda: read_exr_bytes(hdri_exr, "hdri.exr"), "hdri.exr")
+    width, height = data["width"], data["height"]
+    if max_pixels is not None and width * height > max_pixels:
+        raise JobTooLarge(f"job.json: 'width' x 'height' ({width}x{height}) is more than this service's budget "
+                          f"of {max_pixels} pixels (pbnds serve --max-pixels)")
+    gbuffer_channels, _ = _read(lambda: read_exr_bytes(gbuffer_exr, "gbuffer.exr", size=(width, height),
+                                                       max_pixels=max_pixels), "gbuffer.exr")
+    hdri_channels, _ = _read(lambda: read_exr_bytes(hdri_exr, "hdri.exr", max_pixels=max_pixels), "hdri.exr")
     files = files or {}
 
     def read(file: str) -> dict:
         if file not in files:
             raise JobError(f"job.json: shadow map file {file!r} was not uploaded with the job")
-        return _read(lambda: read_exr_bytes(files[file], file), file)[0]
+        return _read(lambda: read_exr_bytes(files[file], file, max_pixels=max_pixels), file)[0]
 
     return job_from_parts(data, gbuffer_channels, hdri_channels, defaults, read)
 
 
-def hdri_from_bytes(hdri_exr: bytes) -> np.ndarray:
-    channels, _ = _read(lambda: read_exr_bytes(hdri_exr, "hdri.exr"), "hdri.exr")
+def hdri_from_bytes(hdri_exr: bytes, max_pixels: int | None = None) -> np.ndarray:
+    channels, _ = _read(lambda: read_exr_bytes(hdri_exr, "hdri.exr", max_pixels=max_pixels), "hdri.exr")
     return hdri_from_channels(channels)
 
 

@@ -7,7 +7,6 @@ thread pool and the event loop keeps answering status polls meanwhile.
 from __future__ import annotations
 
 import io
-import json
 import math
 import time
 from contextlib import asynccontextmanager
@@ -20,13 +19,23 @@ from fastapi.responses import JSONResponse, Response
 
 from .. import __version__
 from ..exrio import exr_bytes
-from ..jobformat import JobError, Options, Result, hdri_from_bytes, job_from_bytes, result_channels
+from ..jobformat import (
+    JobError,
+    JobTooLarge,
+    Options,
+    Result,
+    hdri_from_bytes,
+    job_from_bytes,
+    parse_json,
+    result_channels,
+)
 from ..models import available_models
 from .jobs import DONE, GBufferGone, JobManager, QueueFull, UnknownJob
-from .security import Guard
+from .security import NONCE, Guard, token_proof
 
 API_VERSION = 1
 RESULT_ARRAYS = ("shaded", "unshadowed", "shadow", "lights", "mask")
+MAX_ROTATION = 1e6  # radians; beyond it the HDRI's pixel shift overflows and the rotation means nothing
 
 
 class NotReady(Exception):
@@ -58,7 +67,8 @@ def encode_npz(result: Result, half: bool = False) -> bytes:
     return buffer.getvalue()
 
 
-def create_app(manager: JobManager, *, token: str, max_body: int, allow_remote: bool = False) -> FastAPI:
+def create_app(manager: JobManager, *, token: str, max_body: int, max_pixels: int,
+               allow_remote: bool = False) -> FastAPI:
     renderer = manager.renderer
     default_model = renderer.defaults.model
     offered = sorted({m["name"] for m in available_models()} | {default_model})
@@ -75,6 +85,10 @@ def create_app(manager: JobManager, *, token: str, max_body: int, allow_remote: 
     @app.exception_handler(JobError)
     async def bad_job(_request: Request, error: JobError) -> JSONResponse:
         return _error(400, str(error))
+
+    @app.exception_handler(JobTooLarge)
+    async def too_large(_request: Request, error: JobTooLarge) -> JSONResponse:
+        return _error(413, str(error))
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(_request: Request, error: RequestValidationError) -> JSONResponse:
@@ -108,10 +122,16 @@ def create_app(manager: JobManager, *, token: str, max_body: int, allow_remote: 
         return record.result
 
     @app.get("/v1/health")
-    def health() -> dict:
+    def health(nonce: str | None = None) -> dict:
+        """?nonce=<16-128 of A-Z a-z 0-9 _ -> adds "proof": HMAC-SHA256(token, nonce) in hex."""
         queued, running = manager.counts()
-        return {"status": "ok", "version": __version__, "api": API_VERSION, "device": str(renderer.device),
-                "model": default_model, "queue_length": queued, "running": running}
+        reply = {"status": "ok", "version": __version__, "api": API_VERSION, "device": str(renderer.device),
+                 "model": default_model, "queue_length": queued, "running": running}
+        if nonce is not None:
+            if not NONCE.match(nonce):
+                raise JobError("query parameter 'nonce' must be 16 to 128 characters of A-Z, a-z, 0-9, _ and -")
+            reply["proof"] = token_proof(token, nonce)
+        return reply
 
     @app.get("/v1/models")
     def models() -> dict:
@@ -128,7 +148,7 @@ def create_app(manager: JobManager, *, token: str, max_body: int, allow_remote: 
             if upload.filename in files:
                 raise JobError(f"shadow map file {upload.filename!r} was uploaded twice")
             files[upload.filename] = upload.file.read()
-        parsed = job_from_bytes(job, gbuffer, hdri, renderer.defaults, files)
+        parsed = job_from_bytes(job, gbuffer, hdri, renderer.defaults, files, max_pixels=max_pixels)
         check_model(parsed.options)
         record = manager.submit(parsed, decode_ms=(time.perf_counter() - started) * 1e3)
         return {"id": record.id, "status": record.status}
@@ -166,17 +186,15 @@ def create_app(manager: JobManager, *, token: str, max_body: int, allow_remote: 
         started = time.perf_counter()
         source = manager.get(job_id)
         manager.require_gbuffer(source)
-        try:
-            changes = json.loads(options) if options else {}
-        except json.JSONDecodeError as error:
-            raise JobError(f"relight options are not valid JSON: {error}") from None
+        changes = parse_json(options, "relight options") if options else {}
         if not isinstance(changes, dict):
             raise JobError("relight options must be a JSON object")
         new_options = Options.from_dict(changes, source.options)
         check_model(new_options)
-        if not math.isfinite(rotation):
-            raise JobError(f"relight rotation must be a finite number of radians, got {rotation!r}")
-        lighting = hdri_from_bytes(hdri)
+        if not (math.isfinite(rotation) and abs(rotation) <= MAX_ROTATION):
+            raise JobError(f"relight rotation must be a finite number of radians within +-{MAX_ROTATION:g}, "
+                           f"got {rotation!r}")
+        lighting = hdri_from_bytes(hdri, max_pixels=max_pixels)
         record = manager.relight(source, lighting, new_options, decode_ms=(time.perf_counter() - started) * 1e3,
                                  rotation=rotation)
         return {"id": record.id, "status": record.status}

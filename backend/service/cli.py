@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_PORT = 8765
+DEFAULT_MAX_PIXELS = 8192 * 8192
 
 
 def add_parser(commands) -> None:
@@ -19,6 +20,11 @@ def add_parser(commands) -> None:
                        "Host header (the token is still required; traffic is not encrypted)")
     serve.add_argument("--queue-size", type=int, default=8, help="queued jobs before 503 (default 8)")
     serve.add_argument("--max-upload-mb", type=float, default=1024, help="largest request body (default 1024)")
+    serve.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="largest image (width x height) "
+                       "a job or an uploaded EXR may declare; checked on the headers before decoding (default "
+                       f"{DEFAULT_MAX_PIXELS} = 8192x8192)")
+    serve.add_argument("--max-connections", type=int, default=256, help="open connections; beyond it the oldest "
+                       "one without a request in progress is closed (default 256)")
     serve.add_argument("--keep-jobs", type=int, default=32, help="finished jobs (and results) kept (default 32)")
     serve.add_argument("--keep-minutes", type=float, default=60, help="how long finished jobs are kept (default 60)")
     serve.add_argument("--keep-gbuffers", type=int, default=4, help="prepared G-buffers kept for relighting "

@@ -7,6 +7,7 @@ token (readable only by the user, through the 0600 discovery file) and a loopbac
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -18,6 +19,7 @@ from pathlib import Path
 from .logs import event
 
 HEALTH_PATH = "/v1/health"
+NONCE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
 _HOST_HEADER = re.compile(r"^(?P<name>\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(?::(?P<port>\d{1,5}))?$")
 
@@ -35,6 +37,13 @@ def is_loopback_host(host: str) -> bool:
 def is_loopback_host_header(value: str) -> bool:
     match = _HOST_HEADER.match(value)
     return bool(match) and match["name"].lower() in LOOPBACK_NAMES
+
+
+def token_proof(token: str, nonce: str) -> str:
+    """HMAC-SHA256(token, nonce) in hex: health's answer to a client's nonce, which proves that the service
+    holds the discovery file's token without revealing it (a stale file may name a port another program
+    has taken since)."""
+    return hmac.new(token.encode(), nonce.encode(), hashlib.sha256).hexdigest()
 
 
 def service_file_path() -> Path:

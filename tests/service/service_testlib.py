@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -111,3 +112,62 @@ def result_arrays(http: httpx.Client, job_id: str) -> dict[str, np.ndarray]:
 def slow_job() -> Job:
     """A job that shades for tens of seconds on a CPU (cancelled or killed by the tests that use it)."""
     return demo_scene_job(128, 96, options=Options(model="default", rays=4096))
+
+
+# -- hand-made EXR files: the lies an upload can tell in its header ---------------------------------
+
+
+def exr_header(data: bytes) -> tuple[dict[str, tuple[int, int]], int]:
+    """{attribute name: (value start, value end)} of a single-part EXR, and the offset after the header."""
+    attributes, at = {}, 8
+    while data[at] != 0:
+        name_end = data.index(b"\0", at)
+        type_end = data.index(b"\0", name_end + 1)
+        size = struct.unpack_from("<i", data, type_end + 1)[0]
+        attributes[data[at:name_end].decode()] = (type_end + 5, type_end + 5 + size)
+        at = type_end + 5 + size
+    return attributes, at + 1
+
+
+def patch_attribute(data: bytes, name: str, value: bytes) -> bytes:
+    """The file with attribute `name`'s value replaced by `value` of the same size."""
+    start, end = exr_header(data)[0][name]
+    assert len(value) == end - start
+    return data[:start] + value + data[end:]
+
+
+def box(width: int, height: int) -> bytes:
+    """A box2i attribute value: (0, 0) .. (width - 1, height - 1)."""
+    return struct.pack("<4i", 0, 0, width - 1, height - 1)
+
+
+def zero_exr(width: int, height: int, channels: tuple[str, ...]) -> bytes:
+    """A valid all-zero half-float ZIP EXR of any size, written without ever holding its pixels: one
+    16-line chunk of zeros is compressed once and repeated (a 16384x16384 G-buffer is ~7 MB)."""
+    from backend.exrio import exr_bytes
+
+    assert height % 16 == 0
+    chunk = exr_bytes({name: np.zeros((16, width), np.float32) for name in channels}, half=True)
+    chunk = patch_attribute(chunk, "displayWindow", box(width, height))
+    chunk = patch_attribute(chunk, "dataWindow", box(width, height))
+    _, header_end = exr_header(chunk)
+    (offset,) = struct.unpack_from("<Q", chunk, header_end)
+    _, size = struct.unpack_from("<2i", chunk, offset)
+    data = chunk[offset + 8:offset + 8 + size]
+    count = height // 16
+    first = header_end + 8 * count
+    table = struct.pack(f"<{count}Q", *(first + i * (8 + size) for i in range(count)))
+    chunks = b"".join(struct.pack("<2i", 16 * i, size) + data for i in range(count))
+    return chunk[:header_end] + table + chunks
+
+
+GBUFFER_CHANNELS = ("albedo.R", "albedo.G", "albedo.B", "specular.R", "specular.G", "specular.B", "roughness.Y",
+                    "normal.X", "normal.Y", "normal.Z", "depth.Y", "ao.Y", "mask.Y")
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The process's peak resident memory (VmHWM) in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc/<pid>/status")
