@@ -1,11 +1,14 @@
 """Build the installable Blender extension: dist/pbnds_addon-<version>.zip.
 
-Usage: python build_addon.py [--out DIR]. The zip holds addon/*.py and blender_manifest.toml at its
-root (the layout `blender --command extension build` makes); install it with Blender 4.2+ through
-Edit > Preferences > Get Extensions > Install from Disk.
+Usage: python build_addon.py [--out DIR]. The zip holds one folder, pbnds/, with addon/*.py and
+blender_manifest.toml. Both install paths of Blender 4.2+ take it: Get Extensions > Install from Disk
+reads the manifest (the extension `bl_ext.user_default.pbnds`); the legacy Add-ons > Install
+extracts the folder as the add-on `pbnds` and reads the `bl_info` written into its __init__.py here,
+from the manifest (extensions ignore it). Older Blenders refuse to enable it, naming the version.
 """
 
 import argparse
+import ast
 import pathlib
 import tomllib
 import zipfile
@@ -33,8 +36,31 @@ def build(out_dir=ROOT / "dist"):
     files = sorted(ADDON.glob("*.py")) + [ADDON / "blender_manifest.toml"]
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
         for file in files:
-            zf.write(file, file.name)
+            name = f"{manifest['id']}/{file.name}"
+            if file.name == "__init__.py":
+                zf.writestr(name, with_bl_info(file.read_text(), manifest))
+            else:
+                zf.write(file, name)
     return path
+
+
+def with_bl_info(source, manifest):
+    """``source`` (the add-on's __init__.py) with the legacy ``bl_info`` from ``manifest`` after its docstring.
+
+    Blender reads ``bl_info`` without importing: from its line to the next blank one.
+    """
+    bl_info = {"name": manifest["name"], "author": manifest["maintainer"], "version": _numbers(manifest["version"]),
+               "blender": _numbers(manifest["blender_version_min"]), "description": manifest["tagline"],
+               "category": manifest["tags"][0]}
+    body = ast.parse(source).body
+    docstring = body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+    lines = source.splitlines(keepends=True)
+    end = body[0].end_lineno if docstring else 0
+    return "".join(lines[:end]) + f"\nbl_info = {bl_info!r}\n\n" + "".join(lines[end:]).lstrip("\n")
+
+
+def _numbers(version):
+    return tuple(int(part) for part in version.split("."))
 
 
 def main():

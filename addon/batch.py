@@ -28,7 +28,7 @@ if not __package__:
 
 import bpy  # noqa: E402
 
-from . import client, compositor, engine, gbuffer, properties, service_process  # noqa: E402
+from . import client, compat, compositor, engine, gbuffer, properties, service_process  # noqa: E402
 from .scene_state import preserved  # noqa: E402
 
 
@@ -108,8 +108,7 @@ def render_cycles_reference(scene, samples, png_path):
         scene.render.engine = "CYCLES"
         scene.cycles.samples = samples
         scene.cycles.use_denoising = True
-        scene.render.image_settings.media_type = "IMAGE"
-        scene.render.image_settings.file_format = "PNG"
+        compat.set_file_format(scene.render.image_settings, "PNG")
         scene.render.filepath = str(png_path)
         bpy.ops.render.render(write_still=True, scene=scene.name)
 

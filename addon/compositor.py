@@ -9,7 +9,7 @@ import os
 import bpy
 import numpy as np
 
-from . import world
+from . import compat, world
 
 OUTPUTS = (("shaded", "PBNDS Shaded"), ("unshadowed", "PBNDS Unshadowed"), ("shadow", "PBNDS Shadow"),
            ("lights", "PBNDS Lights"))
@@ -56,16 +56,16 @@ def save_image(pixels, path, scene, file_format="OPEN_EXR"):
     """
     image = array_to_image(pixels, "PBNDS tmp")
     settings = scene.render.image_settings
-    saved = (settings.media_type, settings.file_format, settings.color_mode, settings.color_depth)
+    saved = (settings.file_format, settings.color_mode, settings.color_depth)
     try:
-        settings.media_type = "IMAGE"
-        settings.file_format = file_format
+        compat.set_file_format(settings, file_format)
         settings.color_mode = "RGBA"
         settings.color_depth = "32" if file_format == "OPEN_EXR" else "8"
         image.save_render(str(path), scene=scene)
     finally:
         bpy.data.images.remove(image)
-        settings.media_type, settings.file_format, settings.color_mode, settings.color_depth = saved
+        compat.set_file_format(settings, saved[0])
+        settings.color_mode, settings.color_depth = saved[1:]
 
 
 def load_image(path, name):
@@ -93,7 +93,8 @@ def write_back(scene, arrays, directory):
         path = os.path.join(directory, f"pbnds_{key}.exr")
         save_image(rgba(arrays, key, transparent and key == "shaded"), path, scene)
         images[key] = load_image(path, name)
-    tree, target = _output_socket(scene)
+    tree = compat.compositor_tree(scene)
+    target = compat.compositor_output(tree)
     for i, (key, name) in enumerate(OUTPUTS):
         node = tree.nodes.get(name)
         if node is None:
@@ -105,25 +106,3 @@ def write_back(scene, arrays, directory):
     scene.render.use_compositing = True
     return images
 
-
-def _output_socket(scene):
-    """The compositor tree and the socket of its final output, created when missing."""
-    if bpy.app.version >= (5, 0, 0):
-        tree = scene.compositing_node_group
-        if tree is None:
-            tree = bpy.data.node_groups.new("PBNDS Compositing", "CompositorNodeTree")
-            scene.compositing_node_group = tree
-        if not any(item.in_out == "OUTPUT" for item in tree.interface.items_tree
-                   if item.item_type == "SOCKET"):
-            tree.interface.new_socket("Image", in_out="OUTPUT", socket_type="NodeSocketColor")
-        outputs = [n for n in tree.nodes if n.bl_idname == "NodeGroupOutput"]
-        out = next((n for n in outputs if n.is_active_output), outputs[0] if outputs else None)
-        if out is None:
-            out = tree.nodes.new("NodeGroupOutput")
-        return tree, out.inputs[0]
-    scene.use_nodes = True  # Blender 4.x: the scene's own compositing tree and a Composite node
-    tree = scene.node_tree
-    out = next((n for n in tree.nodes if n.bl_idname == "CompositorNodeComposite"), None)
-    if out is None:
-        out = tree.nodes.new("CompositorNodeComposite")
-    return tree, out.inputs["Image"]

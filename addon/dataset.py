@@ -49,7 +49,7 @@ from pathlib import Path
 import bpy
 from mathutils import Vector
 
-from . import gbuffer
+from . import compat, gbuffer
 from .scene_state import ExportError, check_cancel, preserved, temporary_copy
 
 FILES = ("job.json", "gbuffer.exr", "hdri.exr", "gt_full.exr", "gt_unshadowed.exr")
@@ -149,8 +149,7 @@ def _export_sample(temp, folder, width, height, gt_samples, gbuffer_samples, den
     render.use_sequencer = False
     render.use_motion_blur = False
     settings = render.image_settings
-    settings.media_type = "IMAGE"
-    settings.file_format = "OPEN_EXR"
+    compat.set_file_format(settings, "OPEN_EXR")
     settings.color_mode = "RGB"
     settings.color_depth = "32"
     settings.exr_codec = "ZIP"
@@ -207,7 +206,7 @@ def _render_low(temp, path, samples, cancel_check):
 
 def _hdri_world(path, rotation):
     world = bpy.data.worlds.new("PBNDS Dataset World")
-    tree = world.node_tree
+    tree = compat.node_tree(world)
     env = tree.nodes.new("ShaderNodeTexEnvironment")
     env.image = bpy.data.images.load(str(path), check_existing=True)
     mapping = tree.nodes.new("ShaderNodeMapping")

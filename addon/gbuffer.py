@@ -17,7 +17,8 @@ How the G-buffer is made:
   material write 0 to the material layers (Cycles' AOV behaviour).
 - normal (world), depth, ao come from the view layer's passes, mask from the alpha of a transparent
   film, position optionally from the Position pass. A compositor File Output node writes them all,
-  renamed to the contract's layers, into one multi-part float32 EXR. The normal is renormalised on
+  renamed to the contract's layers, into one float32 multilayer EXR (multi-part from Blender 5.0,
+  one part with `<layer>.<channel>` channels in 4.x: the backend reads both). The normal is renormalised on
   the way (Vector Math Normalize, where the compositor has it: Blender 4.5+): even with the ~0-wide
   filter, samples of a pixel whose centre lies on an edge average two normals, and the contract
   wants unit normals.
@@ -32,7 +33,7 @@ from pathlib import Path
 
 import bpy
 
-from . import lights, shadowmaps, world
+from . import compat, lights, shadowmaps, world
 from .scene_state import ExportCancelled, ExportError, check_cancel, preserved, temporary_copy
 
 __all__ = ["ExportError", "ExportCancelled", "export_job", "camera_matrices"]
@@ -80,9 +81,12 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
         matrices = camera_matrices(temp, view_layer, width, height)
         job_lights, light_warnings = lights.export_lights(temp, view_layer.depsgraph)
         step(0.1, "Rendering G-buffer")
-        for stale in ["job.json", "gbuffer.exr", *out_dir.glob("shadow_*.exr")]:  # never mix two exports
+        written = compat.file_output_path(out_dir, "gbuffer", frame)
+        for stale in ["job.json", "gbuffer.exr", written, *out_dir.glob("shadow_*.exr")]:  # never mix two exports
             _remove(out_dir / stale)
         bpy.ops.render.render(write_still=False, scene=temp.name)
+        if written.exists():
+            os.replace(written, out_dir / "gbuffer.exr")
         if not (out_dir / "gbuffer.exr").exists():
             raise ExportError(f"the G-buffer render of scene '{scene.name}' wrote no {out_dir / 'gbuffer.exr'}")
         step(0.7, "Capturing the world HDRI and its suns")
@@ -322,25 +326,16 @@ def _setup_materials():
 # --- compositor ----------------------------------------------------------------------------------
 
 def _setup_compositor(temp, view_layer, out_dir, position):
-    tree = bpy.data.node_groups.new("PBNDS G-buffer Output", "CompositorNodeTree")
-    temp.compositing_node_group = tree
+    tree = compat.compositor_tree(temp, "PBNDS G-buffer Output")
     temp.render.use_compositing = True
     layers = tree.nodes.new("CompositorNodeRLayers")
     layers.scene = temp
     layers.layer = view_layer.name
-    out = tree.nodes.new("CompositorNodeOutputFile")
-    out.directory = str(out_dir) + os.sep
-    out.file_name = "gbuffer"
-    fmt = out.format
-    fmt.media_type = "MULTI_LAYER_IMAGE"
-    fmt.file_format = "OPEN_EXR_MULTILAYER"
-    fmt.color_depth = "32"
-    fmt.exr_codec = "ZIP"
     items = [(name, "RGBA", name) for name, kind in _AOV_LAYERS if kind == "COLOR"]
     items += [(name, "FLOAT", name) for name, kind in _AOV_LAYERS if kind == "VALUE"]
     items += list(_PASS_LAYERS) + ([("position", "VECTOR", "Position")] if position else [])
-    for name, socket_type, source in items:
-        out.file_output_items.new(socket_type, name)
+    out = compat.multilayer_file_output(tree, out_dir, "gbuffer", [item[:2] for item in items])
+    for name, _, source in items:
         if source not in layers.outputs:
             raise ExportError(f"the Render Layers node has no '{source}' pass output")
         socket = layers.outputs[source]

@@ -67,8 +67,8 @@ class _Snapshot:
         self.structs = []
         for struct in self._structs(scene):
             self.structs.append((struct, _simple_props(struct)))
-        self.pointers = {"camera": scene.camera, "world": scene.world,
-                         "compositing_node_group": scene.compositing_node_group}
+        self.pointers = {key: getattr(scene, key) for key in ("camera", "world", "compositing_node_group")
+                         if hasattr(scene, key)}  # 4.x composites in the scene's own tree (use_nodes)
         self.aovs = {vl.name: [(a.name, a.type) for a in vl.aovs] for vl in scene.view_layers}
         self.frame = (scene.frame_current, scene.frame_subframe)
         self.reevaluate_frame = False  # set when a copy evaluated another frame (shared animation)

@@ -24,7 +24,7 @@ import bpy
 import numpy as np
 from mathutils import Matrix
 
-from . import gbuffer
+from . import compat, gbuffer
 from .scene_state import check_cancel, preserved, temporary_copy
 
 MAX_PERSPECTIVE = math.radians(150)  # wider spots are mapped by a panorama
@@ -86,8 +86,7 @@ def _setup_render(temp, scene, frame):
     render.use_single_layer = True
     render.use_file_extension = False
     settings = render.image_settings
-    settings.media_type = "MULTI_LAYER_IMAGE"
-    settings.file_format = "OPEN_EXR_MULTILAYER"
+    compat.set_file_format(settings, "OPEN_EXR_MULTILAYER")
     settings.color_depth = "32"
     settings.exr_codec = "ZIP"
     temp.world = None

@@ -46,6 +46,7 @@ import bpy
 import numpy as np
 from mathutils import Vector
 
+from . import compat
 from .scene_state import ExportError, preserved
 
 _LINEAR_SPACES = {"Linear Rec.709", "Linear", "Non-Color", "Linear CIE-XYZ E", "Linear Rec.2020"}
@@ -330,8 +331,7 @@ def write_exr(pixels, path, scene):
 
 
 def _exr_settings(settings):
-    settings.media_type = "IMAGE"
-    settings.file_format = "OPEN_EXR"
+    compat.set_file_format(settings, "OPEN_EXR")
     settings.color_mode = "RGB"
     settings.color_depth = "32"
     settings.exr_codec = "ZIP"

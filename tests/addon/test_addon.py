@@ -1,6 +1,7 @@
 """The add-on inside Blender (bpy wheel), without the service: registration, named errors,
 compositor write-back, and the extension zip. Each Blender session runs in its own process."""
 
+import os
 import sys
 import zipfile
 
@@ -37,14 +38,14 @@ def test_engine_reports_unreachable_service_by_url(tiny_blend, tmp_path):
     out = tmp_path / "render.exr"
     proc = run_python("""
         import sys, bpy, addon
+        from addon import compat
         blend, url, out = sys.argv[1:]
         bpy.ops.wm.open_mainfile(filepath=blend)
         addon.register()
         scene = bpy.context.scene
         scene.render.engine = "PBNDS"
         scene.pbnds.service_url = url
-        scene.render.image_settings.media_type = "MULTI_LAYER_IMAGE"
-        scene.render.image_settings.file_format = "OPEN_EXR_MULTILAYER"
+        compat.set_file_format(scene.render.image_settings, "OPEN_EXR_MULTILAYER")
         scene.render.filepath = out
         try:
             bpy.ops.render.render(write_still=True)
@@ -65,14 +66,13 @@ def test_compositor_write_back_is_the_final_image_and_idempotent(tiny_blend, tmp
     out = tmp_path / "composite.exr"
     proc = run_python("""
         import sys, bpy, numpy as np
-        from addon import compositor
+        from addon import compat, compositor
         blend, folder, out = sys.argv[1:]
         bpy.ops.wm.open_mainfile(filepath=blend)
         scene = bpy.context.scene
         scene.cycles.samples = 1
-        tree = bpy.data.node_groups.new("User Comp", "CompositorNodeTree")
+        tree = compat.compositor_tree(scene, "User Comp")
         tree.nodes.new("CompositorNodeRLayers").name = "User RL"
-        scene.compositing_node_group = tree
         h, w = 32, 32
         ramp = np.linspace(0, 2, w * h, dtype=np.float32).reshape(h, w)
         arrays = {"shaded": np.stack([ramp, 1 - ramp / 2, np.full_like(ramp, 0.25)], -1),
@@ -81,13 +81,12 @@ def test_compositor_write_back_is_the_final_image_and_idempotent(tiny_blend, tmp
         arrays["shaded"][:4] = 5.0  # a bright band at the top
         for _ in range(2):
             compositor.write_back(scene, arrays, folder)
-        names = sorted(n.name for n in scene.compositing_node_group.nodes)
+        names = sorted(n.name for n in compat.compositor_tree(scene).nodes)
         print("NODES", names)
-        assert scene.compositing_node_group == tree
+        assert compat.compositor_tree(scene) == tree
         assert names.count("PBNDS Shaded") == 1 and "User RL" in names
         assert len([i for i in bpy.data.images if i.name.startswith("PBNDS")]) == 3
-        scene.render.image_settings.media_type = "IMAGE"
-        scene.render.image_settings.file_format = "OPEN_EXR"
+        compat.set_file_format(scene.render.image_settings, "OPEN_EXR")
         scene.render.filepath = out
         bpy.ops.render.render(write_still=True)
         np.save(folder + "/expected.npy", arrays["shaded"])
@@ -99,22 +98,8 @@ def test_compositor_write_back_is_the_final_image_and_idempotent(tiny_blend, tmp
     np.testing.assert_allclose(got, expected, atol=2e-3)
 
 
-def test_extension_zip_installs_enables_and_disables(tmp_path):
-    sys.path.insert(0, str(ROOT))
-    import build_addon
-
-    zip_path = build_addon.build(tmp_path / "dist")
-    assert zip_path.name == "pbnds_addon-0.1.0.zip"
-    with zipfile.ZipFile(zip_path) as zf:
-        names = set(zf.namelist())
-    assert {"blender_manifest.toml", "__init__.py", "engine.py", "gbuffer.py", "batch.py"} <= names
-    env = dict(__import__("os").environ, BLENDER_USER_RESOURCES=str(tmp_path / "user"))
-    proc = run_python("""
-        import sys, bpy
-        bpy.ops.extensions.package_install_files(filepath=sys.argv[1], repo="user_default",
-                                                 enable_on_install=True)
-        module = "bl_ext.user_default.pbnds"
-        assert module in bpy.context.preferences.addons, list(bpy.context.preferences.addons.keys())
+# What both install tests check once the add-on is enabled as `module` (indented as their scripts).
+INSTALL_CHECK = """
         scene = bpy.context.scene
         scene.render.engine = "PBNDS"
         assert scene.render.engine == "PBNDS" and scene.pbnds.rays == 128
@@ -124,8 +109,54 @@ def test_extension_zip_installs_enables_and_disables(tmp_path):
         assert module not in bpy.context.preferences.addons
         assert not hasattr(bpy.types.Scene, "pbnds")
         print("INSTALL-OK")
-    """, zip_path, env=env)
+"""
+
+
+@pytest.fixture(scope="module")
+def addon_zip(tmp_path_factory):
+    sys.path.insert(0, str(ROOT))
+    import build_addon
+
+    zip_path = build_addon.build(tmp_path_factory.mktemp("dist"))
+    assert zip_path.name == "pbnds_addon-0.1.0.zip"
+    with zipfile.ZipFile(zip_path) as zf:
+        names = set(zf.namelist())
+        init = zf.read("pbnds/__init__.py").decode()
+    assert {f"pbnds/{name}" for name in ("blender_manifest.toml", "__init__.py", "engine.py", "compat.py")} <= names
+    assert "\nbl_info = {'name': 'PBNDS Neural Shading'" in init
+    return zip_path
+
+
+def _user_env(tmp_path):
+    """A private Blender user folder (config, scripts, extensions): the real one stays untouched."""
+    return dict(os.environ, BLENDER_USER_RESOURCES=str(tmp_path / "user"))
+
+
+def test_extension_zip_installs_enables_and_disables(addon_zip, tmp_path):
+    """Get Extensions > Install from Disk."""
+    proc = run_python("""
+        import sys, bpy
+        bpy.ops.extensions.package_install_files(filepath=sys.argv[1], repo="user_default",
+                                                 enable_on_install=True)
+        module = "bl_ext.user_default.pbnds"
+        assert module in bpy.context.preferences.addons, list(bpy.context.preferences.addons.keys())
+    """ + INSTALL_CHECK, addon_zip, env=_user_env(tmp_path))
     assert "INSTALL-OK" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_legacy_addon_install_enables_and_disables(addon_zip, tmp_path):
+    """Preferences > Add-ons > Install (the pre-4.2 path, still in Blender): the add-on `pbnds`, its bl_info read."""
+    proc = run_python("""
+        import sys, bpy, addon_utils
+        bpy.ops.preferences.addon_install(filepath=sys.argv[1])
+        module = "pbnds"
+        (mod,) = [m for m in addon_utils.modules(refresh=True) if m.__name__ == module]
+        assert addon_utils.module_bl_info(mod)["name"] == "PBNDS Neural Shading", mod.bl_info
+        bpy.ops.preferences.addon_enable(module=module)
+        assert module in bpy.context.preferences.addons, list(bpy.context.preferences.addons.keys())
+    """ + INSTALL_CHECK, addon_zip, env=_user_env(tmp_path))
+    log = proc.stdout + proc.stderr
+    assert "INSTALL-OK" in proc.stdout and "missing 'bl_info'" not in log, log
 
 
 def test_batch_help_and_unreachable_service(tiny_blend, tmp_path):

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.blender, pytest.mark.slow]
 def test_engine_render_fills_combined_and_passes_and_relights(service, tiny_blend, tmp_path):
     proc = run_python("""
         import sys, json, bpy, numpy as np, addon
-        from addon import client, engine, gbuffer, scene_state
+        from addon import client, compat, engine, gbuffer, scene_state
         blend, folder = sys.argv[1:]
         bpy.ops.wm.open_mainfile(filepath=blend)
         addon.register()
@@ -22,8 +22,7 @@ def test_engine_render_fills_combined_and_passes_and_relights(service, tiny_blen
         scene.pbnds.rays = 8
         scene.pbnds.gbuffer_samples = 1
         settings = scene.render.image_settings
-        settings.media_type = "MULTI_LAYER_IMAGE"
-        settings.file_format = "OPEN_EXR_MULTILAYER"
+        compat.set_file_format(settings, "OPEN_EXR_MULTILAYER")
         settings.color_depth = "32"
         scene.render.filepath = f"{folder}/full.exr"
         bpy.context.evaluated_depsgraph_get()  # the dump lists the view layer's depsgraph once it exists
@@ -49,8 +48,7 @@ def test_engine_render_fills_combined_and_passes_and_relights(service, tiny_blen
         print("RESULT", json.dumps({"exports": len(exports), "same_job": first == second}))
         scene.world.node_tree.nodes["Background"].inputs["Strength"].default_value = 1.0
         render("relit_same")  # the world of the full render again: the same picture
-        tree = bpy.data.node_groups.new("Comp", "CompositorNodeTree")
-        scene.compositing_node_group = tree
+        tree = compat.compositor_tree(scene, "Comp")
         rl = tree.nodes.new("CompositorNodeRLayers")
         print("RL-OUTPUTS", json.dumps([s.name for s in rl.outputs if s.enabled]))
     """, tiny_blend, tmp_path, timeout=300)

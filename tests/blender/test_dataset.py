@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from blender_helpers import dump_diff, read_exr
 
-from addon import dataset, scene_state
+from addon import compat, dataset, scene_state
 
 pytestmark = pytest.mark.blender
 
@@ -46,7 +46,7 @@ def test_world_entries_low_renders_and_frames(tmp_path, open_fixture):
     worlds = []
     for frame in range(2):
         world = bpy.data.worlds.new(f"Sky {frame}")
-        world.node_tree.nodes["Background"].inputs["Color"].default_value = (0.2, 0.3, 0.5 + 0.2 * frame, 1.0)
+        compat.node_tree(world).nodes["Background"].inputs["Color"].default_value = (0.2, 0.3, 0.5 + 0.2 * frame, 1.0)
         world["pbnds_world"] = {"type": "gradient", "hdri": "gradient", "rotation_z": 0.1 * frame}
         worlds.append(world)
     kwargs = {"views": 1, "hdris": worlds, "width": 24, "height": 24, "gt_samples": 4, "gbuffer_samples": 1,

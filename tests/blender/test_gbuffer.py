@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from blender_helpers import FIXTURES, exr_channel_names, read_exr
 
-from addon import gbuffer
+from addon import compat, gbuffer
 
 sys.path.insert(0, str(FIXTURES))
 from make_fixtures import SPHERES  # noqa: E402
@@ -116,7 +116,7 @@ def test_node_fallbacks(tmp_path, open_fixture):
     """Mix Shader of Diffuse and Glossy, and a Principled BSDF inside a node group."""
     scene = open_fixture("spheres")
     mix_mat = bpy.data.materials.new("Mixed")
-    tree = mix_mat.node_tree
+    tree = compat.node_tree(mix_mat)
     tree.nodes.remove(tree.nodes["Principled BSDF"])
     diffuse = tree.nodes.new("ShaderNodeBsdfDiffuse")
     diffuse.inputs["Color"].default_value = (0.2, 0.4, 0.6, 1)
@@ -137,7 +137,7 @@ def test_node_fallbacks(tmp_path, open_fixture):
     inner.inputs["Roughness"].default_value = 0.33
     group.links.new(inner.outputs[0], group.nodes.new("NodeGroupOutput").inputs[0])
     group_mat = bpy.data.materials.new("Grouped")
-    node = group_mat.node_tree.nodes.new("ShaderNodeGroup")
+    node = compat.node_tree(group_mat).nodes.new("ShaderNodeGroup")
     node.node_tree = group
     group_mat.node_tree.links.new(node.outputs[0], group_mat.node_tree.nodes["Material Output"].inputs["Surface"])
     bpy.data.objects["BlueGlossy"].material_slots[0].material = group_mat

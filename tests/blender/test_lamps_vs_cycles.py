@@ -18,7 +18,7 @@ import pytest
 from blender_helpers import read_exr
 from mathutils import Vector
 
-from addon import gbuffer, lights
+from addon import compat, gbuffer, lights
 from addon.scene_state import property_dump
 
 pytestmark = pytest.mark.blender
@@ -32,7 +32,7 @@ ALBEDO = 0.8
 
 def diffuse(name, colour):
     mat = bpy.data.materials.new(name)
-    tree = mat.node_tree
+    tree = compat.node_tree(mat)
     tree.nodes.clear()
     bsdf = tree.nodes.new("ShaderNodeBsdfDiffuse")
     bsdf.inputs["Color"].default_value = (*colour, 1.0)
@@ -48,7 +48,7 @@ def plane_scene():
     scene.render.resolution_x = scene.render.resolution_y = SIZE
     scene.cycles.device = "CPU"
     scene.world = bpy.data.worlds.new("Black")
-    scene.world.node_tree.nodes["Background"].inputs["Color"].default_value = (0, 0, 0, 1)
+    compat.node_tree(scene.world).nodes["Background"].inputs["Color"].default_value = (0, 0, 0, 1)
     mesh = bpy.data.meshes.new("Plane")
     mesh.from_pydata([(-4, -4, 0), (4, -4, 0), (4, 4, 0), (-4, 4, 0)], [], [(0, 1, 2, 3)])
     mesh.materials.append(diffuse("White", (ALBEDO,) * 3))
@@ -78,7 +78,8 @@ def cycles_reference(scene, path, samples):
     cycles.samples, cycles.use_denoising, cycles.use_adaptive_sampling = samples, False, False
     cycles.max_bounces, cycles.filter_width = 0, 0.01
     settings = scene.render.image_settings
-    settings.media_type, settings.file_format, settings.color_depth = "IMAGE", "OPEN_EXR", "32"
+    compat.set_file_format(settings, "OPEN_EXR")
+    settings.color_depth = "32"
     scene.render.filepath = str(path)
     bpy.ops.render.render(write_still=True)
     (image,) = read_exr(path).values()

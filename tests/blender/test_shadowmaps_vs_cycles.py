@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from blender_helpers import dump_diff, read_exr
 
-from addon import scene_state, shadowmaps
+from addon import compat, scene_state, shadowmaps
 
 pytestmark = pytest.mark.blender
 torch = pytest.importorskip("torch")
@@ -107,8 +107,7 @@ def cycles_render(scene, path, passes=False):
     layer = scene.view_layers[0]
     layer.use_pass_position = layer.use_pass_normal = passes
     settings = scene.render.image_settings
-    settings.media_type = "MULTI_LAYER_IMAGE"
-    settings.file_format = "OPEN_EXR_MULTILAYER"
+    compat.set_file_format(settings, "OPEN_EXR_MULTILAYER")
     settings.color_depth = "32"
     scene.render.filepath = str(path)
     bpy.ops.render.render(write_still=True)

@@ -9,7 +9,7 @@ import OpenEXR
 import pytest
 from blender_helpers import read_exr
 
-from addon import dataset, world
+from addon import compat, dataset, world
 
 pytestmark = pytest.mark.blender
 WIDTH = 128
@@ -83,7 +83,7 @@ def test_plain_colour_and_missing_world(tmp_path):
     bpy.ops.wm.read_factory_settings(use_empty=True)
     scene = bpy.context.scene
     scene.world = bpy.data.worlds.new("Plain")
-    background = scene.world.node_tree.nodes["Background"]
+    background = compat.node_tree(scene.world).nodes["Background"]
     background.inputs["Color"].default_value = (0.2, 0.3, 0.4, 1.0)
     background.inputs["Strength"].default_value = 2.0
     assert world.fast_lookup(scene.world, 16) is None
@@ -148,7 +148,7 @@ def sky_scene(**settings):
     bpy.ops.wm.read_factory_settings(use_empty=True)
     scene = bpy.context.scene
     scene.world = bpy.data.worlds.new("Sky")
-    tree = scene.world.node_tree
+    tree = compat.node_tree(scene.world)
     sky = tree.nodes.new("ShaderNodeTexSky")
     for name, value in settings.items():
         setattr(sky, name, value)
@@ -162,7 +162,7 @@ def cycles_irradiance(scene, tmp_path, samples):
     plane seen from above (radiance = E / pi), direct light only, 4 x 4 pixels averaged."""
     bpy.ops.mesh.primitive_plane_add(size=4.0)
     material = bpy.data.materials.new("White")
-    tree = material.node_tree
+    tree = compat.node_tree(material)
     tree.nodes.clear()
     diffuse = tree.nodes.new("ShaderNodeBsdfDiffuse")
     diffuse.inputs["Color"].default_value = (1.0, 1.0, 1.0, 1.0)
@@ -228,7 +228,7 @@ def test_sun_direction_measurement_and_restored_disc(tmp_path):
     """A large sun (8 degrees) located and integrated in an equirectangular render with the disc on
     minus off: world_suns' direction (Blender's convention: rotation 0 is +Y, clockwise from above) and
     irradiance agree; capture_hdri renders the disc-off world and leaves the disc on."""
-    scene = sky_scene(sky_type="SINGLE_SCATTERING", sun_size=math.radians(8), sun_elevation=math.radians(35),
+    scene = sky_scene(sky_type=compat.NISHITA_SKY, sun_size=math.radians(8), sun_elevation=math.radians(35),
                       sun_rotation=math.radians(60))
     sky = scene.world.node_tree.nodes["Sky Texture"]
     (sun,) = world.world_suns(scene)
@@ -257,5 +257,5 @@ def test_sun_direction_measurement_and_restored_disc(tmp_path):
 
     sky.sky_type = "PREETHAM"  # no disc in Cycles' Preetham and Hosek-Wilkie models
     assert world.world_suns(scene) == []
-    sky.sky_type, sky.sun_disc = "MULTIPLE_SCATTERING", False
+    sky.sky_type, sky.sun_disc = compat.NISHITA_SKY, False
     assert world.world_suns(scene) == []

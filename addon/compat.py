@@ -1,0 +1,88 @@
+"""The Blender API differences between the supported versions (4.2 LTS, 4.5 LTS, 5.0), one helper each.
+
+The rest of the add-on calls these instead of testing versions itself:
+- image format: 5.0 chooses a ``media_type`` (image, multilayer, video) before the ``file_format``;
+  4.x has only the file format.
+- compositor: 5.0 composites through a node group in ``scene.compositing_node_group`` whose Group
+  Output is the result; 4.x through the scene's own ``scene.node_tree`` (``scene.use_nodes``) and a
+  Composite node.
+- File Output node: 5.0 has ``directory`` + ``file_name`` and typed ``file_output_items`` and writes
+  ``<file_name>.exr`` (one part per layer); 4.x has ``base_path`` and ``layer_slots`` and writes
+  ``<base_path><frame>.exr`` (one part, channels ``<layer>.<channel>``).
+- node trees: 5.0 materials and worlds always have one; 4.x ones made in Python need ``use_nodes``.
+- Nishita sky: `'NISHITA'` in 4.x is 5.0's `'SINGLE_SCATTERING'` (5.0 adds `'MULTIPLE_SCATTERING'`, its default).
+"""
+
+import os
+from pathlib import Path
+
+import bpy
+
+BLENDER_5 = bpy.app.version >= (5, 0, 0)
+NISHITA_SKY = "SINGLE_SCATTERING" if BLENDER_5 else "NISHITA"
+_MEDIA_TYPES = {"OPEN_EXR_MULTILAYER": "MULTI_LAYER_IMAGE", "FFMPEG": "VIDEO"}
+
+
+def set_file_format(settings, file_format):
+    """Set ``settings.file_format`` (ImageFormatSettings), with 5.0's matching media type first."""
+    if BLENDER_5:
+        settings.media_type = _MEDIA_TYPES.get(file_format, "IMAGE")
+    settings.file_format = file_format
+
+
+def node_tree(id_block):
+    """The shader node tree of a material, world or light, switching its nodes on in 4.x."""
+    if not BLENDER_5 and not id_block.use_nodes:
+        id_block.use_nodes = True
+    return id_block.node_tree
+
+
+def compositor_tree(scene, name="PBNDS Compositing"):
+    """The node tree that composites ``scene``, created (as ``name`` in 5.0) when it has none."""
+    if not BLENDER_5:
+        scene.use_nodes = True
+        return scene.node_tree
+    if scene.compositing_node_group is None:
+        scene.compositing_node_group = bpy.data.node_groups.new(name, "CompositorNodeTree")
+    return scene.compositing_node_group
+
+
+def compositor_output(tree):
+    """The input socket whose image is the compositor's result (Group Output / Composite node)."""
+    if not BLENDER_5:
+        out = next((n for n in tree.nodes if n.bl_idname == "CompositorNodeComposite"), None)
+        return (out or tree.nodes.new("CompositorNodeComposite")).inputs["Image"]
+    if not any(item.in_out == "OUTPUT" for item in tree.interface.items_tree if item.item_type == "SOCKET"):
+        tree.interface.new_socket("Image", in_out="OUTPUT", socket_type="NodeSocketColor")
+    outputs = [n for n in tree.nodes if n.bl_idname == "NodeGroupOutput"]
+    out = next((n for n in outputs if n.is_active_output), outputs[0] if outputs else None)
+    return (out or tree.nodes.new("NodeGroupOutput")).inputs[0]
+
+
+def multilayer_file_output(tree, directory, name, layers):
+    """A File Output node writing the float32 multilayer EXR ``name`` in ``directory`` with one input
+    per ``(layer, socket_type)`` of ``layers`` (socket type "RGBA", "VECTOR" or "FLOAT"; 4.x takes the
+    channels from whatever is linked). The file: :func:`file_output_path`."""
+    out = tree.nodes.new("CompositorNodeOutputFile")
+    if BLENDER_5:
+        out.directory = str(directory) + os.sep
+        out.file_name = name
+    else:
+        out.base_path = str(Path(directory) / name)
+    fmt = out.format
+    set_file_format(fmt, "OPEN_EXR_MULTILAYER")
+    fmt.color_depth = "32"
+    fmt.exr_codec = "ZIP"
+    if BLENDER_5:
+        for layer, socket_type in layers:
+            out.file_output_items.new(socket_type, layer)
+    else:
+        out.layer_slots.clear()
+        for layer, _ in layers:
+            out.layer_slots.new(layer)
+    return out
+
+
+def file_output_path(directory, name, frame):
+    """The file a :func:`multilayer_file_output` node writes when ``frame`` renders."""
+    return Path(directory) / (f"{name}.exr" if BLENDER_5 else f"{name}{frame:04d}.exr")
