@@ -47,10 +47,11 @@ class Service:
                 self.process.wait(15)
 
 
-def start_service(folder: Path, *args: str) -> Service:
-    """Start the service on a free port and wait (bounded) for its discovery file and health."""
+def start_service(folder: Path, *args: str, service_file: Path | None = None) -> Service:
+    """Start the service on a free port and wait (bounded) for its discovery file (default
+    folder/config/service.json) and health."""
     folder.mkdir(parents=True, exist_ok=True)
-    service_file = folder / "config" / "service.json"
+    service_file = service_file or folder / "config" / "service.json"
     log = folder / "service.log"
     env = dict(os.environ, PBNDS_SERVICE_FILE=str(service_file), PYTHONPATH=str(ROOT))
     with open(log, "wb") as handle:

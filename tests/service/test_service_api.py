@@ -198,12 +198,12 @@ def test_access_control_and_limits(service, good_files):
         (httpx.get(service.url + "/v1/health", headers={"Host": "attacker.test"}), 403, "Host header"),
     ]
     auth = {"Authorization": f"Bearer {service.token}"}
-    oversized = {**files, "gbuffer": files["gbuffer"] + bytes(5 * 2**20)}
+    oversized = {**files, "gbuffer": files["gbuffer"] + bytes(17 * 2**20)}
     cases.append((httpx.post(service.url + "/v1/jobs", headers=auth, files=multipart(oversized)), 413, "too large"))
 
     def chunked():  # no Content-Length: the limit is enforced on the bytes received
         yield b'--x\r\nContent-Disposition: form-data; name="gbuffer"; filename="g"\r\n\r\n'
-        for _ in range(8):
+        for _ in range(20):
             yield bytes(2**20)
 
     cases.append((httpx.post(service.url + "/v1/jobs", headers={**auth, "Content-Type": "multipart/form-data; "
