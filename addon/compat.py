@@ -9,7 +9,10 @@ The rest of the add-on calls these instead of testing versions itself:
 - File Output node: 5.0 has ``directory`` + ``file_name`` and typed ``file_output_items`` and writes
   ``<file_name>.exr`` (one part per layer); 4.x has ``base_path`` and ``layer_slots`` and writes
   ``<base_path><frame>.exr`` (one part, channels ``<layer>.<channel>``).
+- RNA: ``Property.is_deprecated`` is new in 5.0.
+- light exposure: 4.2 lights have no ``exposure``.
 - node trees: 5.0 materials and worlds always have one; 4.x ones made in Python need ``use_nodes``.
+- Render Layers node: the Ambient Occlusion pass output is ``AO`` in 4.x.
 - Nishita sky: `'NISHITA'` in 4.x is 5.0's `'SINGLE_SCATTERING'` (5.0 adds `'MULTIPLE_SCATTERING'`, its default).
 """
 
@@ -19,6 +22,7 @@ from pathlib import Path
 import bpy
 
 BLENDER_5 = bpy.app.version >= (5, 0, 0)
+AO_OUTPUT = "Ambient Occlusion" if BLENDER_5 else "AO"  # the Render Layers node's output
 NISHITA_SKY = "SINGLE_SCATTERING" if BLENDER_5 else "NISHITA"
 _MEDIA_TYPES = {"OPEN_EXR_MULTILAYER": "MULTI_LAYER_IMAGE", "FFMPEG": "VIDEO"}
 
@@ -28,6 +32,16 @@ def set_file_format(settings, file_format):
     if BLENDER_5:
         settings.media_type = _MEDIA_TYPES.get(file_format, "IMAGE")
     settings.file_format = file_format
+
+
+def is_deprecated(prop):
+    """Whether an RNA property is deprecated (5.0 flags them; 4.x has no flag: none)."""
+    return getattr(prop, "is_deprecated", False)
+
+
+def light_exposure(light):
+    """A light's Exposure (power x 2^exposure); 4.2 lights have none, which is exposure 0."""
+    return getattr(light, "exposure", 0.0)
 
 
 def node_tree(id_block):

@@ -44,7 +44,7 @@ _GREY = {"base": (0.5, 0.5, 0.5, 1.0), "metallic": 0.0, "roughness": 0.5, "level
          "tint": (1.0, 1.0, 1.0, 1.0)}
 # File Output item name, socket type, Render Layers output.
 _PASS_LAYERS = (("normal", "VECTOR", "Normal"), ("depth", "FLOAT", "Depth"),
-                ("ao", "FLOAT", "Ambient Occlusion"), ("mask", "FLOAT", "Alpha"))
+                ("ao", "FLOAT", compat.AO_OUTPUT), ("mask", "FLOAT", "Alpha"))
 _AOV_LAYERS = (("albedo", "COLOR"), ("specular", "COLOR"), ("roughness", "VALUE"), ("metallic", "VALUE"))
 
 
@@ -335,12 +335,16 @@ def _setup_compositor(temp, view_layer, out_dir, position):
     items += [(name, "FLOAT", name) for name, kind in _AOV_LAYERS if kind == "VALUE"]
     items += list(_PASS_LAYERS) + ([("position", "VECTOR", "Position")] if position else [])
     out = compat.multilayer_file_output(tree, out_dir, "gbuffer", [item[:2] for item in items])
-    for name, _, source in items:
+    for name, socket_type, source in items:
         if source not in layers.outputs:
             raise ExportError(f"the Render Layers node has no '{source}' pass output")
         socket = layers.outputs[source]
         if name == "normal":
             socket = _normalized(tree, socket)
+        elif socket_type == "FLOAT" and socket.type != "VALUE":  # 4.x: AO is a (grey) colour output
+            grey = tree.nodes.new("CompositorNodeRGBToBW")
+            tree.links.new(socket, grey.inputs[0])
+            socket = grey.outputs[0]
         tree.links.new(socket, out.inputs[name])
 
 

@@ -38,6 +38,7 @@ import math
 
 import numpy as np
 
+from . import compat
 from .world import source_socket
 
 _SHAPES = {"SQUARE": "rectangle", "RECTANGLE": "rectangle", "DISK": "ellipse", "ELLIPSE": "ellipse"}
@@ -80,7 +81,7 @@ def _strength(light):
     colour = np.array(light.color, np.float64)
     if light.use_temperature:
         colour = colour * np.array(light.temperature_color, np.float64)
-    return colour * light.energy * 2.0 ** light.exposure
+    return colour * light.energy * 2.0 ** compat.light_exposure(light)
 
 
 def _unit(v):

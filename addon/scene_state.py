@@ -15,6 +15,8 @@ import contextlib
 
 import bpy
 
+from . import compat
+
 
 class ExportError(RuntimeError):
     """An export could not be done; the message names the cause."""
@@ -34,7 +36,7 @@ def _simple_props(struct):
     """Writable non-pointer RNA properties of ``struct`` as {identifier: value}."""
     values = {}
     for prop in struct.bl_rna.properties:
-        if (prop.is_readonly or prop.is_deprecated or prop.type in {"POINTER", "COLLECTION"}
+        if (prop.is_readonly or compat.is_deprecated(prop) or prop.type in {"POINTER", "COLLECTION"}
                 or prop.identifier == "rna_type"):
             continue
         value = getattr(struct, prop.identifier)
@@ -139,8 +141,9 @@ def check_cancel(cancel_check):
 
 # --- deep dump for tests -------------------------------------------------------------------------
 
+# tool_settings: no export touches them, and reading a paint tool slot's brush crashes Blender 4.2.
 _SKIP = {"rna_type", "bl_rna", "users", "session_uid", "is_evaluated", "original", "is_dirty",
-         "preview", "tag", "is_runtime_data", "dimensions", "location_absolute", "depsgraph"}
+         "preview", "tag", "is_runtime_data", "dimensions", "location_absolute", "depsgraph", "tool_settings"}
 
 
 def _dump(struct, depth, seen):
@@ -155,7 +158,7 @@ def _dump(struct, depth, seen):
     out = {}
     for prop in struct.bl_rna.properties:
         ident = prop.identifier
-        if ident in _SKIP or prop.is_deprecated:
+        if ident in _SKIP or compat.is_deprecated(prop):
             continue
         try:
             value = getattr(struct, ident)

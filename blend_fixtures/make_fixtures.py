@@ -1,12 +1,15 @@
 """Write the small test scenes spheres.blend and suzanne.blend beside this script.
 
-Run: .venv/bin/python blend_fixtures/make_fixtures.py  (needs the bpy wheel; deterministic).
+Run: .venv/bin/python blend_fixtures/make_fixtures.py  (needs the bpy wheel; deterministic). The
+committed files come from bpy 5.0.1; older Blenders cannot read them faithfully, so tests/blender
+makes its own copies with ``make(folder)`` there (blender_helpers.fixture).
 The spheres world uses a 256x128 box-downsampled copy of the bpy wheel's CC0 `courtyard.exr`
 studio light, packed into the .blend so that it opens the same on any machine.
 """
 
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -15,6 +18,9 @@ import numpy as np
 from mathutils import Vector
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from addon import compat  # noqa: E402  (bpy only: the version differences)
+
 HDRI = "courtyard.exr"
 
 # name: (location, radius, base colour, metallic, roughness); used by tests/blender as ground truth.
@@ -45,7 +51,7 @@ def add_camera(scene, location, target):
 
 def principled(name, base, metallic, roughness):
     mat = bpy.data.materials.new(name)
-    bsdf = mat.node_tree.nodes["Principled BSDF"]
+    bsdf = compat.node_tree(mat).nodes["Principled BSDF"]
     bsdf.inputs["Base Color"].default_value = (*base, 1.0)
     bsdf.inputs["Metallic"].default_value = metallic
     bsdf.inputs["Roughness"].default_value = roughness
@@ -74,8 +80,7 @@ def packed_hdri():
     image = bpy.data.images.new("courtyard_256", 256, 128, float_buffer=True)
     image.pixels.foreach_set(small.ravel())
     settings = bpy.context.scene.render.image_settings
-    settings.media_type = "IMAGE"
-    settings.file_format = "OPEN_EXR"
+    compat.set_file_format(settings, "OPEN_EXR")
     settings.color_mode = "RGB"
     settings.color_depth = "16"
     settings.exr_codec = "ZIP"
@@ -91,7 +96,7 @@ def packed_hdri():
     return image
 
 
-def make_spheres():
+def make_spheres(folder):
     scene = reset()
     for name, (location, radius, base, metallic, roughness) in SPHERES.items():
         add_mesh(bpy.ops.mesh.primitive_uv_sphere_add, name, principled(name, base, metallic, roughness),
@@ -101,7 +106,7 @@ def make_spheres():
     add_camera(scene, *CAMERA)
     world = bpy.data.worlds.new("Courtyard")
     scene.world = world
-    tree = world.node_tree
+    tree = compat.node_tree(world)
     env = tree.nodes.new("ShaderNodeTexEnvironment")
     env.image = packed_hdri()
     mapping = tree.nodes.new("ShaderNodeMapping")
@@ -110,10 +115,10 @@ def make_spheres():
     tree.links.new(coords.outputs["Generated"], mapping.inputs["Vector"])
     tree.links.new(mapping.outputs["Vector"], env.inputs["Vector"])
     tree.links.new(env.outputs["Color"], tree.nodes["Background"].inputs["Color"])
-    save("spheres.blend")
+    save(folder / "spheres.blend")
 
 
-def make_suzanne():
+def make_suzanne(folder):
     scene = reset()
     skin = principled("Noise", (0.5, 0.5, 0.5), 0.0, 0.4)
     tree = skin.node_tree
@@ -137,19 +142,24 @@ def make_suzanne():
     add_camera(scene, (1.0, -4.5, 2.2), (0.0, 0.0, 0.6))
     world = bpy.data.worlds.new("Sky")
     scene.world = world
-    tree = world.node_tree
+    tree = compat.node_tree(world)
     sky = tree.nodes.new("ShaderNodeTexSky")
     tree.links.new(sky.outputs["Color"], tree.nodes["Background"].inputs["Color"])
     tree.nodes["Background"].inputs["Strength"].default_value = 0.3
-    save("suzanne.blend")
+    save(folder / "suzanne.blend")
 
 
-def save(name):
-    path = HERE / name
+def save(path):
     bpy.ops.wm.save_as_mainfile(filepath=str(path), compress=True)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
+def make(folder=HERE):
+    """Write spheres.blend and suzanne.blend into ``folder``."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    make_spheres(Path(folder))
+    make_suzanne(Path(folder))
+
+
 if __name__ == "__main__":
-    make_spheres()
-    make_suzanne()
+    make()

@@ -1,12 +1,31 @@
 """Helpers of the real-Blender tests: fixture paths, EXR reading, property-dump diffs."""
 
+import sys
+import tempfile
 from pathlib import Path
 
+import bpy
 import numpy as np
 import OpenEXR
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "blend_fixtures"
+sys.path.insert(0, str(FIXTURES))
+import make_fixtures  # noqa: E402
+
+_made = []  # the folder of this session's own fixtures, once made
+
+
+def fixture(name):
+    """Path of the fixture scene ``name``: blend_fixtures/<name>.blend (written by 5.0), or before 5.0
+    the same scene made once per session by make_fixtures with this bpy (4.2 cannot read 5.0 files;
+    4.5 reads them with a loss of data that crashed Cycles on suzanne.blend's sky)."""
+    if bpy.app.version >= (5, 0, 0):
+        return FIXTURES / f"{name}.blend"
+    if not _made:
+        _made.append(Path(tempfile.mkdtemp(prefix="pbnds-fixtures-")))
+        make_fixtures.make(_made[0])
+    return _made[0] / f"{name}.blend"
 
 
 def read_exr(path):

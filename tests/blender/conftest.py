@@ -12,7 +12,7 @@ import pytest
 bpy = pytest.importorskip("bpy")
 pytest.importorskip("OpenEXR")
 
-from blender_helpers import FIXTURES, ROOT  # noqa: E402
+from blender_helpers import ROOT, fixture  # noqa: E402
 
 try:
     import addon  # noqa: F401  (the real package; nothing here needs it registered)
@@ -27,7 +27,7 @@ except Exception:  # the rest of the add-on is broken or unfinished: the export 
 def open_fixture():
     """open_fixture('spheres') loads blend_fixtures/spheres.blend and returns its scene."""
     def load(name):
-        bpy.ops.wm.open_mainfile(filepath=str(FIXTURES / f"{name}.blend"))
+        bpy.ops.wm.open_mainfile(filepath=str(fixture(name)))
         return bpy.context.scene
     return load
 

@@ -1,17 +1,14 @@
 """export_job on the fixture scenes: contract layers, material values, depth, camera matrices."""
 
 import json
-import sys
 
 import bpy
 import numpy as np
 import pytest
-from blender_helpers import FIXTURES, exr_channel_names, read_exr
+from blender_helpers import exr_channel_names, fixture, read_exr
+from make_fixtures import SPHERES
 
 from addon import compat, gbuffer
-
-sys.path.insert(0, str(FIXTURES))
-from make_fixtures import SPHERES  # noqa: E402
 
 pytestmark = pytest.mark.blender
 SIZE = 64
@@ -22,7 +19,7 @@ CHANNELS = {"albedo.R", "albedo.G", "albedo.B", "albedo.A", "specular.R", "specu
 
 @pytest.fixture(scope="module")
 def spheres_job(tmp_path_factory):
-    bpy.ops.wm.open_mainfile(filepath=str(FIXTURES / "spheres.blend"))
+    bpy.ops.wm.open_mainfile(filepath=str(fixture("spheres")))
     out = tmp_path_factory.mktemp("spheres_job")
     path = gbuffer.export_job(bpy.context.scene, out, samples=4, width=SIZE, height=SIZE, hdri_width=64,
                               options={"rays": 64})
