@@ -39,7 +39,6 @@ from backend.exrio import exr_bytes, read_exr_bytes
 from backend.jobformat import Options
 from backend.synthetic import sphere_job
 
-MAX_PIXELS = 2048 * 2048  # conftest starts the shared service with this --max-pixels
 IDENTITY = np.eye(4).tolist()
 
 
