@@ -59,7 +59,8 @@ class GuardedH11Protocol(H11Protocol):
         self.read_timer = None
         self._arm(HEADER_TIMEOUT, "header_timeout")
         if len(self.connections) > self.max_connections:
-            idle = [c for c in self.connections if c is not self and c._waiting_for_header()]
+            idle = [c for c in self.connections  # a closing one stays listed until its connection_lost
+                    if c is not self and not c.transport.is_closing() and c._waiting_for_header()]
             victim = min(idle, key=lambda c: c.opened) if idle else self
             victim._drop("evicted")
 

@@ -410,6 +410,9 @@ def test_half_open_connections_do_not_stop_a_client(crowded, good):
             if index % 2:
                 sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
             sockets.append(sock)
+        time.sleep(0.5)
+        open_files = len(os.listdir(f"/proc/{crowded.process.pid}/fd"))
+        assert open_files < 48 + 40, f"the service holds {open_files} files: the cap did not evict"
         started = time.monotonic()
         with crowded.client() as http:
             job_id = _render(http, good)
