@@ -266,11 +266,13 @@ def lightings_for(task: dict, description: dict) -> tuple[list[dict], bool]:
     import math
     import random
 
-    from .scenes import HELD_OUT_HDRIS, lamp_lighting
+    from .scenes import HELD_OUT_HDRIS, LAMP_SETUPS, lamp_lighting
 
     rng = random.Random(f"pbnds-{task['lighting']}:{task['scene_seed']}")
-    if task["lighting"] == "lamps":
-        return [lamp_lighting(rng, training_hdris()) for _ in range(task["lightings"])], False
+    if task["lighting"] == "lamps":  # every setup in turn, so that a small split still holds each of them
+        first = task["scene_seed"] * task["lightings"]
+        return [lamp_lighting(rng, training_hdris(), LAMP_SETUPS[(first + k) % len(LAMP_SETUPS)])
+                for k in range(task["lightings"])], False
     if task["lighting"] == "relight":
         return [{"type": "hdri", "hdri": name, "rotation_z": rng.uniform(0, 2 * math.pi), "exposure": 1.0}
                 for name in HELD_OUT_HDRIS], False

@@ -148,6 +148,7 @@ def command_line(args: argparse.Namespace) -> str:
     parts += ["--limit", str(args.limit)] if args.limit is not None else []
     parts += ["--relight"] if args.relight else []
     parts += ["--temporal"] if args.temporal else []
+    parts += ["--lamps"] if args.lamps else []
     parts += ["--training-log", *map(str, args.training_log)] if args.training_log else []
     return " ".join(parts)
 
@@ -165,8 +166,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     renderer = Renderer(args.device)
     for spec in specs:
         renderer.model(spec)  # a bad name or checkpoint fails here, before any rendering
-    splits = [args.split] + [name for name, wanted in (("relight", args.relight), ("anim", args.temporal))
-                             if wanted and name != args.split]
+    extra = (("relight", args.relight), ("anim", args.temporal), ("lamps", args.lamps))
+    splits = [args.split] + [name for name, wanted in extra if wanted and name != args.split]
     loaded = {split: load_split(args.data, split, args.limit) for split in splits}
     if not loaded[args.split]:
         raise ValueError(f"{args.data}: split {args.split!r} has no samples")
@@ -202,6 +203,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--limit", type=int, help="at most this many samples per split")
     parser.add_argument("--relight", action="store_true", help="also score split 'relight' (held-out HDRIs)")
     parser.add_argument("--temporal", action="store_true", help="also score split 'anim' (frame-to-frame flicker)")
+    parser.add_argument("--lamps", action="store_true",
+                        help="also score split 'lamps' (light objects and real-size suns, `pbnds generate --lamps`)")
     parser.add_argument("--training-log", type=Path, nargs="+", action="extend",
                         help="training CSV log(s) to plot (columns step, stage, loss, val_*)")
     parser.set_defaults(handler=cmd_eval)

@@ -105,11 +105,12 @@ def _lamp(rng: random.Random, kind: str, irradiance: float) -> dict:
 LAMP_SETUPS = ("sky_sun", "sun", "soft_sun", "area", "spot", "point")
 
 
-def lamp_lighting(rng: random.Random, hdris: list[str] | tuple[str, ...]) -> dict:
+def lamp_lighting(rng: random.Random, hdris: list[str] | tuple[str, ...], setup: str | None = None) -> dict:
     """Real lights: a Nishita sky with a real-size sun (0.545 deg), or a dim HDRI fill plus light objects
     (a sharp or soft Sun lamp, an area key light, a spot, or a point light, sometimes with a second
-    weaker lamp). World type "lamps"; ``world`` is the fill world's own description."""
-    setup = rng.choice(LAMP_SETUPS)
+    weaker lamp); ``setup`` one of LAMP_SETUPS (default: drawn). World type "lamps"; ``world`` is the
+    fill world's own description."""
+    setup = setup or rng.choice(LAMP_SETUPS)
     if setup == "sky_sun":
         world = {"type": "sky", "hdri": "sky", "sun_elevation": math.radians(rng.uniform(8, 70)),
                  "sun_rotation": rng.uniform(0, 2 * math.pi), "sun_size": math.radians(0.545),
