@@ -4,7 +4,8 @@ Usage: python build_addon.py [--out DIR]. The zip holds one folder, pbnds/, with
 blender_manifest.toml. Both install paths of Blender 4.2+ take it: Get Extensions > Install from Disk
 reads the manifest (the extension `bl_ext.user_default.pbnds`); the legacy Add-ons > Install
 extracts the folder as the add-on `pbnds` and reads the `bl_info` written into its __init__.py here,
-from the manifest (extensions ignore it). Older Blenders refuse to enable it, naming the version.
+from the manifest (extensions ignore it). Blenders older than the manifest's minimum refuse it,
+naming the version it needs.
 """
 
 import argparse

@@ -1,4 +1,9 @@
-"""The Blender API differences between the supported versions (4.2 LTS, 4.5 LTS, 5.0), one helper each.
+"""The Blender API differences between 5.0 and 4.5 LTS, one helper each (docs/addon.md, Blender versions).
+
+The manifest requires 5.0 (blender_version_min): on 4.5 the G-buffer export, compositor write-back and
+both install paths pass the tests through these helpers, but an F12 render with the PBNDS engine (its
+nested Cycles render) and the batch script hang. 4.2 also lacks the compositor's Vector Math node and
+``Light.exposure``, and crashes in the tests.
 
 The rest of the add-on calls these instead of testing versions itself:
 - image format: 5.0 chooses a ``media_type`` (image, multilayer, video) before the ``file_format``;
@@ -10,7 +15,6 @@ The rest of the add-on calls these instead of testing versions itself:
   ``<file_name>.exr`` (one part per layer); 4.x has ``base_path`` and ``layer_slots`` and writes
   ``<base_path><frame>.exr`` (one part, channels ``<layer>.<channel>``).
 - RNA: ``Property.is_deprecated`` is new in 5.0.
-- light exposure: 4.2 lights have no ``exposure``.
 - node trees: 5.0 materials and worlds always have one; 4.x ones made in Python need ``use_nodes``.
 - Render Layers node: the Ambient Occlusion pass output is ``AO`` in 4.x.
 - Nishita sky: `'NISHITA'` in 4.x is 5.0's `'SINGLE_SCATTERING'` (5.0 adds `'MULTIPLE_SCATTERING'`, its default).
@@ -37,11 +41,6 @@ def set_file_format(settings, file_format):
 def is_deprecated(prop):
     """Whether an RNA property is deprecated (5.0 flags them; 4.x has no flag: none)."""
     return getattr(prop, "is_deprecated", False)
-
-
-def light_exposure(light):
-    """A light's Exposure (power x 2^exposure); 4.2 lights have none, which is exposure 0."""
-    return getattr(light, "exposure", 0.0)
 
 
 def node_tree(id_block):
@@ -97,6 +96,8 @@ def multilayer_file_output(tree, directory, name, layers):
     return out
 
 
-def file_output_path(directory, name, frame):
-    """The file a :func:`multilayer_file_output` node writes when ``frame`` renders."""
-    return Path(directory) / (f"{name}.exr" if BLENDER_5 else f"{name}{frame:04d}.exr")
+def file_output_files(directory, name):
+    """The files a :func:`multilayer_file_output` node has written: ``<name>.exr`` in 5.0; in 4.x
+    ``<name><frame>.exr``, the frame being the current one of the scene the render started from."""
+    pattern = f"{name}.exr" if BLENDER_5 else f"{name}[0-9]*.exr"
+    return sorted(Path(directory).glob(pattern))

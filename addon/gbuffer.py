@@ -81,11 +81,11 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
         matrices = camera_matrices(temp, view_layer, width, height)
         job_lights, light_warnings = lights.export_lights(temp, view_layer.depsgraph)
         step(0.1, "Rendering G-buffer")
-        written = compat.file_output_path(out_dir, "gbuffer", frame)
-        for stale in ["job.json", "gbuffer.exr", written, *out_dir.glob("shadow_*.exr")]:  # never mix two exports
-            _remove(out_dir / stale)
+        stale = [*compat.file_output_files(out_dir, "gbuffer"), *out_dir.glob("shadow_*.exr")]
+        for path in ["job.json", "gbuffer.exr", *stale]:  # never mix two exports
+            _remove(out_dir / path)
         bpy.ops.render.render(write_still=False, scene=temp.name)
-        if written.exists():
+        for written in compat.file_output_files(out_dir, "gbuffer"):
             os.replace(written, out_dir / "gbuffer.exr")
         if not (out_dir / "gbuffer.exr").exists():
             raise ExportError(f"the G-buffer render of scene '{scene.name}' wrote no {out_dir / 'gbuffer.exr'}")

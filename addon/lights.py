@@ -38,7 +38,6 @@ import math
 
 import numpy as np
 
-from . import compat
 from .world import source_socket
 
 _SHAPES = {"SQUARE": "rectangle", "RECTANGLE": "rectangle", "DISK": "ellipse", "ELLIPSE": "ellipse"}
@@ -81,7 +80,7 @@ def _strength(light):
     colour = np.array(light.color, np.float64)
     if light.use_temperature:
         colour = colour * np.array(light.temperature_color, np.float64)
-    return colour * light.energy * 2.0 ** compat.light_exposure(light)
+    return colour * light.energy * 2.0 ** light.exposure
 
 
 def _unit(v):

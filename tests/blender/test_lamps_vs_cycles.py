@@ -91,11 +91,10 @@ def backend_render(job_json):
     return Renderer("cpu", light_samples=256).render(job).shaded
 
 
-EXPOSURE = {"exposure": 1.0} if "exposure" in bpy.types.Light.bl_rna.properties else {}  # none in 4.2
 CASES = {
     "sun sharp": lambda s: add_light(s, "SUN", aim=(1, 0.5, -2), energy=3.0, angle=0.0),
     "sun soft": lambda s: add_light(s, "SUN", aim=(-1, 0, -1.5), energy=2.0, angle=math.radians(25),
-                                    color=(1.0, 0.6, 0.3), **EXPOSURE),
+                                    exposure=1.0, color=(1.0, 0.6, 0.3)),
     "point": lambda s: add_light(s, "POINT", (0.4, 0.2, 1.5), energy=150.0, shadow_soft_size=0.3,
                                  use_soft_falloff=False, use_temperature=True, temperature=4000),
     "point soft falloff": lambda s: add_light(s, "POINT", (-0.3, 0.1, 0.8), energy=60.0, shadow_soft_size=0.4,
