@@ -42,7 +42,9 @@ class EnvironmentMap:
         return self.image.device
 
     def rotated(self, angle_z: float) -> EnvironmentMap:
-        """The map rotated by angle_z radians about +Z (as a Mapping node's Z rotation would)."""
+        """The world turned by angle_z radians about +Z (counter-clockwise seen from above): radiance that
+        came from d now comes from Rz(angle_z) d. A Mapping node (Point) rotates the lookup vector instead,
+        so its Z rotation r matches angle_z = -r."""
         shift = angle_z / (2 * math.pi) * self.width
         whole = math.floor(shift)
         frac = shift - whole
