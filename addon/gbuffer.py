@@ -9,7 +9,10 @@ How the G-buffer is made:
   are nobody's depth). The price is aliased edges and a binary mask.
 - Material layers come from shader AOVs (albedo, specular, roughness, metallic). For the render only,
   AOV Output nodes are added to every material and fed from whatever feeds its Principled BSDF inputs
-  (link or default value); they are removed again afterwards (scene_state.preserved). Fallbacks:
+  (link or default value); they are removed again afterwards (scene_state.preserved). The specular
+  layer is Cycles' dielectric F0, clamp(((IOR - 1) / (IOR + 1))^2 x 2 x Specular IOR Level, 0, 1)
+  x Specular Tint (0.04 at IOR 1.5 and level 0.5), mixed with the base colour by metallic; shader
+  Math nodes compute it from the IOR and level sources. Fallbacks:
   Diffuse BSDF = base Color, roughness 1, F0 0.04 grey; Glossy BSDF = metal of its Color and
   Roughness; Mix Shader = the two sides' parameters mixed by its Fac; Add Shader = the first side;
   a group node = the shader inside the group feeding its output (AOVs then live in the group's tree);
@@ -40,7 +43,7 @@ __all__ = ["ExportError", "ExportCancelled", "export_job", "camera_matrices"]
 
 _ENGINES = {"CYCLES", "BLENDER_EEVEE", "BLENDER_WORKBENCH", "PBNDS"}
 # Parameters gathered per material: name -> (kind, value) with kind "color" or "float".
-_GREY = {"base": (0.5, 0.5, 0.5, 1.0), "metallic": 0.0, "roughness": 0.5, "level": 0.5,
+_GREY = {"base": (0.5, 0.5, 0.5, 1.0), "metallic": 0.0, "roughness": 0.5, "level": 0.5, "ior": 1.5,
          "tint": (1.0, 1.0, 1.0, 1.0)}
 # File Output item name, socket type, Render Layers output.
 _PASS_LAYERS = (("normal", "VECTOR", "Normal"), ("depth", "FLOAT", "Depth"),
@@ -212,7 +215,7 @@ def _shader_params(tree, socket, depth=0):
     if kind == "ShaderNodeBsdfPrincipled":
         return tree, {"base": _input(node, "Base Color"), "metallic": _input(node, "Metallic"),
                       "roughness": _input(node, "Roughness"), "level": _input(node, "Specular IOR Level"),
-                      "tint": _input(node, "Specular Tint")}
+                      "ior": _input(node, "IOR"), "tint": _input(node, "Specular Tint")}
     if kind == "ShaderNodeBsdfDiffuse":
         return tree, {**_const({**_GREY, "roughness": 1.0}), "base": _input(node, "Color")}
     if kind in {"ShaderNodeBsdfGlossy", "ShaderNodeBsdfAnisotropic"}:
@@ -284,11 +287,15 @@ class _Wiring:
             self.feed(socket, source)
         return ("link", mix.outputs[2])
 
-    def clamped(self, source):
-        math = self.node("ShaderNodeMath", operation="ADD", use_clamp=True)
-        self.feed(math.inputs[0], source)
-        math.inputs[1].default_value = 0.0
+    def math(self, operation, a, b, clamp=False):
+        """A shader Math node's ``operation`` of two sources, as a link source."""
+        math = self.node("ShaderNodeMath", operation=operation, use_clamp=clamp)
+        self.feed(math.inputs[0], a)
+        self.feed(math.inputs[1], b)
         return ("link", math.outputs[0])
+
+    def clamped(self, source):
+        return self.math("ADD", source, ("value", 0.0), clamp=True)
 
     def aov(self, name, source):
         out = self.node("ShaderNodeOutputAOV", aov_name=name)
@@ -297,14 +304,16 @@ class _Wiring:
     def write(self, params):
         metallic = self.clamped(params["metallic"])
         self.aov("albedo", self.color_mix(metallic, params["base"], ("value", (0.0, 0.0, 0.0, 1.0))))
-        # 0.08 x Specular IOR Level x Specular Tint, the dielectric F0 colour.
-        level = self.node("ShaderNodeMath", operation="MULTIPLY")
-        self.feed(level.inputs[0], params["level"])
-        level.inputs[1].default_value = 0.08
-        f0 = self.node("ShaderNodeVectorMath", operation="SCALE")
-        self.feed(f0.inputs[0], params["tint"])
-        self.tree.links.new(level.outputs[0], f0.inputs["Scale"])
-        self.aov("specular", self.color_mix(metallic, ("link", f0.outputs[0]), params["base"]))
+        # The dielectric F0 colour as Cycles' Principled BSDF makes it (svm/closure.h):
+        # clamp(((ior - 1) / (ior + 1))^2 x 2 x Specular IOR Level, 0, 1) x Specular Tint.
+        ior, one = params["ior"], ("value", 1.0)
+        ratio = self.math("DIVIDE", self.math("SUBTRACT", ior, one), self.math("ADD", ior, one))
+        level = self.math("MULTIPLY", params["level"], ("value", 2.0))
+        f0 = self.math("MULTIPLY", self.math("MULTIPLY", ratio, ratio), level, clamp=True)
+        tinted = self.node("ShaderNodeVectorMath", operation="SCALE")
+        self.feed(tinted.inputs[0], params["tint"])
+        self.feed(tinted.inputs["Scale"], f0)
+        self.aov("specular", self.color_mix(metallic, ("link", tinted.outputs[0]), params["base"]))
         self.aov("roughness", self.clamped(params["roughness"]))
         self.aov("metallic", metallic)
 

@@ -154,6 +154,68 @@ def test_node_fallbacks(tmp_path, open_fixture):
     assert len(group.nodes) == 2 and len(mix_mat.node_tree.nodes) == 4  # AOV wiring removed
 
 
+def _dielectric_f0(ior, level):
+    """Cycles' Principled dielectric F0 (svm/closure.h), clamped as the exporter does."""
+    return min(max(((ior - 1) / (ior + 1)) ** 2 * 2 * level, 0.0), 1.0)
+
+
+def test_specular_follows_ior(tmp_path, open_fixture):
+    """specular = mix(clamp(((ior-1)/(ior+1))^2 x 2 x level) x tint, base, metallic) on every pixel of
+    each object: IOR 1.33, 2.4 (half metal), a Value node linked into IOR with level 1 and a tint, and the
+    ground's IOR 1.5 at level 0.5 (F0 0.04, the old 0.08 x level)."""
+    scene = open_fixture("spheres")
+    assert _dielectric_f0(1.5, 0.5) == pytest.approx(0.04)
+    cases = {"RedRough": (1.33, 0.5, (1, 1, 1), 0.0), "GoldMetal": (2.4, 0.5, (1, 1, 1), 0.5),
+             "BlueGlossy": (1.8, 1.0, (1.0, 0.5, 0.25), 0.0), "Ground": (1.5, 0.5, (1, 1, 1), 0.0)}
+    expected = {}
+    for name, (ior, level, tint, metallic) in cases.items():
+        tree = bpy.data.objects[name].material_slots[0].material.node_tree
+        bsdf = tree.nodes["Principled BSDF"]
+        if name == "BlueGlossy":  # a linked IOR
+            value = tree.nodes.new("ShaderNodeValue")
+            value.outputs[0].default_value = ior
+            tree.links.new(value.outputs[0], bsdf.inputs["IOR"])
+        else:
+            bsdf.inputs["IOR"].default_value = ior
+        assert bsdf.inputs["IOR"].is_linked == (name == "BlueGlossy")
+        bsdf.inputs["Specular IOR Level"].default_value = level
+        bsdf.inputs["Specular Tint"].default_value = (*tint, 1.0)
+        bsdf.inputs["Metallic"].default_value = metallic
+        base = np.array(bsdf.inputs["Base Color"].default_value[:3])
+        expected[name] = _dielectric_f0(ior, level) * np.array(tint) * (1 - metallic) + base * metallic
+    assert expected["Ground"] == pytest.approx(0.04)
+
+    path = gbuffer.export_job(scene, tmp_path, samples=1, width=SIZE, height=SIZE, hdri_width=16)
+    job = json.loads(path.read_text())
+    specular = read_exr(tmp_path / "gbuffer.exr")["specular"]
+    mask = read_exr(tmp_path / "gbuffer.exr")["mask"] > 0
+    # Label pixels by analytic ray-sphere hits: well inside a sphere (0.95 r) = that sphere, clear of
+    # every sphere (1.05 r) and in the foreground = the ground; the silhouettes are left out.
+    view = np.array(job["camera"]["world_to_camera"])
+    labels = np.full((SIZE, SIZE), "", dtype=object)
+    for row in range(SIZE):
+        for col in range(SIZE):
+            d = pixel_ray(job, row, col)
+            near = {}
+            for name in SPHERES:
+                centre, radius = SPHERES[name][:2]
+                c = (view @ np.array([*centre, 1.0]))[:3]
+                miss = np.linalg.norm(c - (d @ c) * d)  # distance of the centre from the ray
+                near[name] = miss / radius
+            inside = [name for name, ratio in near.items() if ratio < 0.95]
+            if inside:
+                labels[row, col] = inside[0]
+            elif min(near.values()) > 1.05 and mask[row, col]:
+                labels[row, col] = "Ground"
+    for name, f0 in expected.items():
+        pixels = specular[labels == name]
+        assert len(pixels) > 20, name
+        np.testing.assert_allclose(pixels, np.broadcast_to(f0, pixels.shape), atol=1e-3, err_msg=name)
+    assert expected["BlueGlossy"][0] == pytest.approx(0.16327, abs=1e-4)
+    assert expected["RedRough"][0] == pytest.approx(0.02006, abs=1e-4)
+    assert expected["GoldMetal"] == pytest.approx(0.5 * 0.16955 + 0.5 * np.array([1.0, 0.766, 0.336]), abs=1e-4)
+
+
 def test_errors_name_the_cause(tmp_path, open_fixture):
     scene = open_fixture("spheres")
     world = scene.world
