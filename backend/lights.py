@@ -357,7 +357,8 @@ def contributions(shader, pixels: PixelInputs, directions: torch.Tensor, irradia
     sample is one ray of radiance E / (4 pi) through its forward, less the same ray without light (its
     output is not zero in the dark): an approximation, exact only as far as the network is linear.
     """
-    if not (isinstance(shader, Shader) and not shader.unbiased):
+    linear = not isinstance(shader, Shader) or shader.unbiased  # a FastShader is a linear shader's fast path
+    if linear:
         return shader.brdf_cos(pixels, directions) * irradiance
     count = len(pixels)
     directions = directions.expand(count, -1, -1)
