@@ -7,6 +7,10 @@ Two layouts are read:
 - MaterialFusion's BlenderVault renders (``transforms_{train,val,test}.json``), read by
   training.materialfusion.
 
+Every Sample carries its scene family (``Sample.family``, scored per family by `pbnds eval`): the
+"family" key of the scene folder's scene.json, "ground" for datasets made before families existed,
+"blendervault" for `pbnds export` folders and MaterialFusion's layout.
+
 Ground truth is masked with the G-buffer mask (the denoiser bleeds a faint glow into the
 background) and clipped at 0 (the denoiser can undershoot by ~1e-4); nothing else is changed.
 """
@@ -25,6 +29,8 @@ from backend.jobformat import Job, JobError, load_job
 SPLITS = ("train", "val", "test", "relight", "anim", "lamps")
 OPTIONAL_SPLITS = ("lamps",)  # absent from datasets made before it existed
 SPLITS_FORMAT = "pbnds-splits"
+DEFAULT_FAMILY = "ground"  # scenes of datasets made before scene families existed (no "family" in scene.json)
+EXPORT_FAMILY = "blendervault"  # scene folders of `pbnds export` (arbitrary .blend files) and MaterialFusion's layout
 DATASET_FORMAT = "pbnds-dataset"
 
 
@@ -44,6 +50,7 @@ class Sample:
     rotation_z: float
     frame: int | None = None  # position in an animation sequence (split "anim"), else None
     cycles_low: list[dict] = field(default_factory=list)  # [{"samples", "denoise", "seconds", "image"}, ...]
+    family: str = DEFAULT_FAMILY  # scene family: scene.json's "family" ("ground" when absent), "blendervault"...
 
 
 def _read_json(path: Path) -> dict:
@@ -91,6 +98,7 @@ def load_split(root, split: str, limit: int | None = None) -> list[Sample]:
         raise DatasetError(f"{root / 'splits.json'}: unknown split {split!r}; splits are {list(table)}")
     samples: list[Sample] = []
     for scene in table[split]:
+        family = scene_family(root / scene)
         index_path = root / scene / "dataset.json"
         index = _read_json(index_path)
         if index.get("format") != DATASET_FORMAT:
@@ -98,8 +106,22 @@ def load_split(root, split: str, limit: int | None = None) -> list[Sample]:
         for entry in index.get("samples", []):
             if limit is not None and len(samples) >= limit:
                 return samples
-            samples.append(_load_sample(root / scene, scene, split, entry, index_path))
+            samples.append(_load_sample(root / scene, scene, split, entry, index_path, family))
     return samples
+
+
+def scene_family(folder: Path) -> str:
+    """The family of a scene folder: the "family" string of its scene.json (pbnds generate);
+    "blendervault" for a folder written by `pbnds export` (export.json, no scene.json); else
+    DEFAULT_FAMILY (no scene.json, or one written before families existed)."""
+    folder = Path(folder)
+    path = folder / "scene.json"
+    if not path.is_file():
+        return EXPORT_FAMILY if (folder / "export.json").is_file() else DEFAULT_FAMILY
+    family = _read_json(path).get("family", DEFAULT_FAMILY)
+    if not isinstance(family, str) or not family:
+        raise DatasetError(f"{path}: 'family' must be a non-empty string, got {family!r}")
+    return family
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -127,7 +149,8 @@ def _ground_truth(path: Path, mask: np.ndarray) -> np.ndarray:
     return np.where(mask[..., None] > 0, np.maximum(image, 0), 0).astype(np.float32)
 
 
-def _load_sample(folder: Path, scene: str, split: str, entry: dict, index_path: Path) -> Sample:
+def _load_sample(folder: Path, scene: str, split: str, entry: dict, index_path: Path,
+                 family: str = DEFAULT_FAMILY) -> Sample:
     try:
         name = entry["name"]
         job_path = folder / entry["job"]
@@ -148,4 +171,4 @@ def _load_sample(folder: Path, scene: str, split: str, entry: dict, index_path: 
                   gt_full=_ground_truth(folder / entry["gt_full"], mask),
                   gt_unshadowed=_ground_truth(folder / unshadowed, mask) if unshadowed else None,
                   hdri=hdri, rotation_z=float(entry.get("rotation_z", 0.0)), frame=entry.get("frame"),
-                  cycles_low=low)
+                  cycles_low=low, family=family)

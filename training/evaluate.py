@@ -3,8 +3,10 @@
 Every model renders every sample of a split (after one untimed warm-up render); its shaded output is
 scored against gt_full and its unshadowed output against gt_unshadowed where the dataset has one. The
 equal-time Cycles renders stored with the samples are scored beside the models, with the times measured
-when they were rendered. Split "anim" also gets frame-to-frame stability scores. Metrics are in
-training/metrics.py, the files written in training/report.py, the definitions in docs/metrics.md.
+when they were rendered. Split "anim" also gets frame-to-frame stability scores. Every split is also
+scored per scene family against GGX (the do-no-harm check); ``--gate MODEL`` makes the command exit 1
+when MODEL is worse than GGX on any family. Metrics are in training/metrics.py, the files written in
+training/report.py, the definitions in docs/metrics.md.
 Heavy imports (torch, the renderer) happen inside the command so that `pbnds --help` stays fast.
 """
 
@@ -22,7 +24,17 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import compare, temporal_scores, to_display
-from .report import GridCell, GridRow, write_report
+from .report import (
+    BASELINE,
+    WORSE,
+    GridCell,
+    GridRow,
+    family_label,
+    family_summaries,
+    gate_failures,
+    ggx_summary,
+    write_report,
+)
 
 GRID_ROWS = 6
 DEFAULT_MODELS = "default,ggx,blinn-phong,lambert"
@@ -77,8 +89,8 @@ def _caption(scores: dict) -> str:
 
 
 def _sample_row(split: str, method: str, kind: str, sample) -> dict:
-    return {"split": split, "method": method, "kind": kind, "sample": sample.name, "hdri": sample.hdri,
-            "rotation_z": round(sample.rotation_z, 4), "frame": sample.frame}
+    return {"split": split, "method": method, "kind": kind, "sample": sample.name, "family": sample.family,
+            "hdri": sample.hdri, "rotation_z": round(sample.rotation_z, 4), "frame": sample.frame}
 
 
 def _sequence_scores(frames: list[tuple]) -> dict[str, float]:
@@ -142,6 +154,44 @@ def evaluate_split(split: str, samples: list, specs: list[str], renderer, rays: 
     return result
 
 
+def dataset_families(root) -> tuple[list[str], list[str]]:
+    """(all families in order, held-out families) from splits.json's optional "families" key
+    ({"all": [...], "held_out": [...]}); empty lists when the dataset has none (or is not our layout)."""
+    from .data import DatasetError, _read_json
+
+    path = Path(root) / "splits.json"
+    if not path.is_file():
+        return [], []
+    try:
+        families = _read_json(path).get("families")
+    except DatasetError:
+        return [], []  # load_split reports a bad splits.json
+    if families is None:
+        return [], []
+    if isinstance(families, dict):
+        found = families.get("all", []), families.get("held_out", [])
+        if all(isinstance(names, list) and all(isinstance(f, str) for f in names) for names in found):
+            return list(found[0]), list(found[1])
+    print(f"pbnds eval: {path}: 'families' should be {{\"all\": [names], \"held_out\": [names]}}, got "
+          f"{str(families)[:200]}; no family is marked held out", file=sys.stderr)
+    return [], []
+
+
+def gate_model(gate: str, specs: list[str]) -> str:
+    """The label of the gated model (``gate`` is a --models entry or its label); ValueError when it or GGX
+    is not evaluated, or when it is GGX itself."""
+    labels = [model_label(spec) for spec in specs]
+    label = gate if gate in labels else model_label(gate)
+    if label not in labels:
+        raise ValueError(f"--gate {gate}: not among the evaluated models ({', '.join(labels)}); add it to --models")
+    if BASELINE not in labels:
+        raise ValueError(f"--gate {gate} compares {label} with GGX per scene family: add {BASELINE} to --models "
+                         f"(evaluated: {', '.join(labels)})")
+    if label == BASELINE:
+        raise ValueError(f"--gate {gate}: GGX is the baseline; gate another model against it")
+    return label
+
+
 def command_line(args: argparse.Namespace) -> str:
     parts = ["pbnds eval", str(args.data), "--models", args.models, "--split", args.split, "--out", str(args.out),
              "--rays", str(args.rays), "--device", args.device]
@@ -150,6 +200,7 @@ def command_line(args: argparse.Namespace) -> str:
     parts += ["--temporal"] if args.temporal else []
     parts += ["--lamps"] if args.lamps else []
     parts += ["--training-log", *map(str, args.training_log)] if args.training_log else []
+    parts += ["--gate", args.gate] if args.gate else []
     return " ".join(parts)
 
 
@@ -163,6 +214,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     specs = [spec.strip() for spec in args.models.split(",") if spec.strip()]
     if not specs:
         raise ValueError("--models names no model")
+    gate = gate_model(args.gate, specs) if args.gate else None  # fails before anything is loaded or rendered
+    order, held_out = dataset_families(args.data)
     renderer = Renderer(args.device)
     for spec in specs:
         renderer.model(spec)  # a bad name or checkpoint fails here, before any rendering
@@ -182,10 +235,38 @@ def cmd_eval(args: argparse.Namespace) -> int:
             bar.set_description(f"eval {split}")
             results.append(evaluate_split(split, samples, specs, renderer, args.rays, progress=bar.update))
     settings = {"command": command_line(args), "data": str(args.data), "models": specs, "rays": args.rays,
-                "device": device_name(renderer.device), "limit": args.limit}
+                "device": device_name(renderer.device), "limit": args.limit, "gate": gate,
+                "family_order": order, "held_out_families": held_out}
     written = write_report(args.out, results, settings, args.training_log or [])
+    family_rows = [row for result in results for row in family_summaries(result, held_out, order)]
+    print(family_summary_text(family_rows, held_out, gate))
     print(json.dumps({name: str(path) for name, path in written.items()}))
+    if gate is not None and (failed := gate_failures(family_rows, gate)):
+        by_family: dict[str, list[str]] = {}
+        for row in failed:
+            by_family.setdefault(family_label(row["family"], held_out), []).append(
+                f"split {row['split']} {row['margin_vs_ggx_db']:+.2f} dB")
+        names = "; ".join(f"{family} ({', '.join(where)})" for family, where in by_family.items())
+        print(f"pbnds eval: gate failed: {gate} is worse than GGX (mean PSNR fg) on scene families: {names}",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def family_summary_text(family_rows: list[dict], held_out=(), gate: str | None = None) -> str:
+    """The short stdout summary: per split and family, each method's PSNR fg and margin over GGX, flagged
+    where a model is worse; then report.ggx_summary's verdict lines."""
+    lines = ["per scene family, PSNR fg (margin vs GGX):"]
+    groups: dict[tuple, list[dict]] = {}
+    for row in family_rows:
+        groups.setdefault((row["split"], row["family"]), []).append(row)
+    for (split, family), rows in groups.items():
+        cells = [f"{r['method']} {r['psnr_fg']:.2f}" + ("" if r["margin_vs_ggx_db"] is None else
+                                                        f" ({r['margin_vs_ggx_db']:+.2f})")
+                 + (f" {WORSE}" if r["worse_than_ggx"] else "") for r in rows]
+        lines.append(f"  {split} / {family_label(family, held_out)} (n={rows[0]['n']}): " + ", ".join(cells))
+    return "\n".join(lines + [line.removeprefix("- ").replace("`", "").replace("**", "")
+                               for line in ggx_summary(family_rows, held_out, gate)])
 
 
 def add_parser(commands) -> None:
@@ -207,4 +288,8 @@ def add_parser(commands) -> None:
                         help="also score split 'lamps' (light objects and real-size suns, `pbnds generate --lamps`)")
     parser.add_argument("--training-log", type=Path, nargs="+", action="extend",
                         help="training CSV log(s) to plot (columns step, stage, loss, val_*)")
+    parser.add_argument("--gate", metavar="MODEL",
+                        help="do-no-harm gate: exit 1 (naming the families) when MODEL (a --models entry, e.g. "
+                        "default) has a lower mean PSNR fg than GGX on any scene family of any scored split; "
+                        "ggx must be among --models")
     parser.set_defaults(handler=cmd_eval)

@@ -12,7 +12,8 @@ What the G-buffer gets from it: mask = alpha >= 0.5 (and a decodable normal); al
 IOR Level 0.5); ao = 1 (the layout has none); the projection from camera_angle_x spanning the image
 width (Blender's sensor fit for a landscape or square image). The scene of a view is the folder of
 its file_path ("train/00012"), so splits stay by object. The layout has no shadow-free render
-(gt_unshadowed None) and does not record the HDRI rotation (rotation_z 0).
+(gt_unshadowed None) and does not record the HDRI rotation (rotation_z 0). Every view's scene family
+(Sample.family, the per-family table of `pbnds eval`) is "blendervault".
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from PIL import Image
 from backend.exrio import ExrError, read_exr, write_exr
 from backend.jobformat import Camera, GBuffer, Job, JobError, hdri_from_channels, validate_gbuffer
 
-from .data import SPLITS, DatasetError, Sample, _read_json
+from .data import EXPORT_FAMILY, SPLITS, DatasetError, Sample, _read_json
 
 NEAR, FAR = 0.1, 100.0
 HDRI_MAX_WIDTH = 1024
@@ -162,7 +163,8 @@ def _load_frame(root: Path, split: str, frame: dict, camera_angle_x: float, tran
     gt = np.where(fg, srgb_to_linear(rgba[..., :3]), 0).astype(np.float32)
     envmap = frame.get("envmap")
     return Sample(name=file_path, scene=str(Path(file_path).parent), split=split, job=job, gt_full=gt,
-                  gt_unshadowed=None, hdri=Path(envmap).name if envmap else None, rotation_z=0.0)
+                  gt_unshadowed=None, hdri=Path(envmap).name if envmap else None, rotation_z=0.0,
+                  family=EXPORT_FAMILY)
 
 
 def write_fixture(root, size: int = 32, views: int = 2) -> Path:

@@ -1,5 +1,6 @@
-"""The files of an evaluation report: report.md, metrics.csv, metrics_samples.csv, comparison grids and
-training curves (PNG). Scores come from training/evaluate.py; the definitions are in docs/metrics.md.
+"""The files of an evaluation report: report.md, metrics.csv, metrics_families.csv, metrics_samples.csv,
+comparison grids and training curves (PNG). Scores come from training/evaluate.py; the definitions are in
+docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ PAPER_TABLE1 = [
 NOT_COMPUTED = {"LPIPS": "not computed: weights not present (no lpips package or AlexNet/VGG checkpoint on this "
                 "machine; nothing is downloaded)",
                 "FID": "not computed: weights not present (no Inception checkpoint on this machine)"}
-ROW_KEYS = ("split", "method", "kind", "sample", "hdri", "rotation_z", "frame", "device")
+ROW_KEYS = ("split", "method", "kind", "sample", "family", "hdri", "rotation_z", "frame", "device")
 TIME_KEYS = ("ms", "cpu_ms", "relight_ms")
 # report.md columns: (header, summary key, format)
 COLUMNS = [("PSNR fg", "psnr_fg", ".2f"), ("SSIM fg", "ssim_fg", ".4f"), ("FLIP fg", "flip_fg", ".4f"),
@@ -43,6 +44,11 @@ COLUMNS = [("PSNR fg", "psnr_fg", ".2f"), ("SSIM fg", "ssim_fg", ".4f"), ("FLIP 
            ("temporal MAE", "temporal_mae", ".5f"), ("flicker", "flicker", "+.5f")]
 TIME_COLUMNS = [("ms/frame (median)", "ms_median", ".1f"), ("CPU ms/frame", "cpu_ms_median", ".1f")]
 RELIGHT_COLUMN = ("relight ms (shade+shadow)", "relight_ms_median", ".1f")
+# the per-family table (the do-no-harm check): every method against GGX on each scene family
+BASELINE = "ggx"
+WORSE = "WORSE THAN GGX"
+FAMILY_COLUMNS = [("PSNR fg", "psnr_fg", ".2f"), ("SSIM fg", "ssim_fg", ".4f"), ("FLIP fg", "flip_fg", ".4f")]
+DEFAULT_FAMILY = "ground"  # rows without a family (training.data.DEFAULT_FAMILY)
 
 
 @dataclass
@@ -83,6 +89,69 @@ def summarize(result) -> list[dict]:
         summary.update(result.temporal.get(method, {}))
         summaries.append(summary)
     return summaries
+
+
+def _mean(values) -> float:
+    values = _finite(values)
+    return float(np.mean(values)) if values else math.nan
+
+
+def family_label(family: str, held_out=()) -> str:
+    return f"{family} (held out)" if family in held_out else family
+
+
+def family_summaries(result, held_out=(), order=()) -> list[dict]:
+    """Per (scene family, method) rows of one split's result: n, mean PSNR/SSIM/FLIP on the foreground, and
+    for every method but GGX its margin over GGX on the same family (mean PSNR fg minus GGX's, dB) when GGX
+    was evaluated. ``worse_than_ggx`` marks models (not Cycles renders) with a negative margin. Families come
+    in ``order`` (the dataset's list), then in the order they appear."""
+    by_family: dict[str, list[dict]] = {}
+    for row in result.rows:
+        by_family.setdefault(row.get("family") or DEFAULT_FAMILY, []).append(row)
+    families = [f for f in order if f in by_family] + [f for f in by_family if f not in order]
+    summaries = []
+    for family in families:
+        by_method: dict[str, list[dict]] = {}
+        for row in by_family[family]:
+            by_method.setdefault(row["method"], []).append(row)
+        means = {method: {key: _mean(r.get(key) for r in rows) for _, key, _ in FAMILY_COLUMNS}
+                 for method, rows in by_method.items()}
+        baseline = means.get(BASELINE, {}).get("psnr_fg")
+        for method, rows in by_method.items():
+            margin = None if method == BASELINE or baseline is None else means[method]["psnr_fg"] - baseline
+            summaries.append({"split": result.split, "family": family, "held_out": family in held_out,
+                              "method": method, "kind": rows[0]["kind"], "n": len(rows), **means[method],
+                              "margin_vs_ggx_db": margin,
+                              "worse_than_ggx": rows[0]["kind"] == "model" and margin is not None and margin < 0})
+    return summaries
+
+
+def gate_failures(family_rows: list[dict], model: str) -> list[dict]:
+    """The per-family rows (any split) on which ``model`` scores a lower mean PSNR fg than GGX."""
+    return [row for row in family_rows if row["method"] == model and row["worse_than_ggx"]]
+
+
+def _where(rows: list[dict], held_out=()) -> str:
+    return ", ".join(f"{family_label(r['family'], held_out)} in split {r['split']} ({r['margin_vs_ggx_db']:+.2f} dB)"
+                     for r in rows)
+
+
+def ggx_summary(family_rows: list[dict], held_out=(), gate: str | None = None) -> list[str]:
+    """Lines (Markdown bullets) saying, per model, on which families it is worse than GGX; then the gate."""
+    if not any(row["method"] == BASELINE for row in family_rows):
+        return ["- GGX was not evaluated: no margins, no flags."]
+    models = list(dict.fromkeys(r["method"] for r in family_rows if r["kind"] == "model" and r["method"] != BASELINE))
+    families = list(dict.fromkeys(r["family"] for r in family_rows))
+    lines = []
+    for model in models:
+        worse = gate_failures(family_rows, model)
+        lines.append(f"- `{model}`: {WORSE} on {_where(worse, held_out)}" if worse else
+                     f"- `{model}`: not worse than GGX on any of the {len(families)} families")
+    if gate is not None:
+        failed = gate_failures(family_rows, gate)
+        lines.append(f"- gate `--gate {gate}`: **FAILED**, {gate} is worse than GGX on {_where(failed, held_out)}"
+                     if failed else f"- gate `--gate {gate}`: passed, {gate} is not worse than GGX on any family")
+    return lines
 
 
 def paper_rows() -> list[dict]:
@@ -238,7 +307,20 @@ def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
             *("| " + " | ".join(row) + " |" for row in rows)]
 
 
-def _split_section(result, summaries: list[dict], grid_name: str | None) -> list[str]:
+def _family_section(rows: list[dict], held_out=()) -> list[str]:
+    if not rows:
+        return []
+    body = [[family_label(r["family"], held_out), r["method"], r["kind"], str(r["n"]),
+             *(_format(r.get(key), spec) for _, key, spec in FAMILY_COLUMNS),
+             _format(r["margin_vs_ggx_db"], "+.2f"), f"**{WORSE}**" if r["worse_than_ggx"] else ""] for r in rows]
+    return ["Per scene family (means over the family's samples; margin = PSNR fg minus GGX's on the same family, "
+            f"dB; {WORSE} marks a model below GGX):", "",
+            *_table(["family", "method", "kind", "n", *(c[0] for c in FAMILY_COLUMNS), "margin vs GGX (dB)", "flag"],
+                    body), ""]
+
+
+def _split_section(result, summaries: list[dict], grid_name: str | None, families: list[dict] = (),
+                   held_out=()) -> list[str]:
     samples = len({row["sample"] for row in result.rows})
     lines = [f"## Split `{result.split}` ({samples} samples)", ""]
     if not summaries:
@@ -248,6 +330,7 @@ def _split_section(result, summaries: list[dict], grid_name: str | None) -> list
     body = [[s["method"], s["kind"], str(s["n"]), *(_format(s.get(key), spec) for _, key, spec in columns),
              s["device"]] for s in summaries]
     lines += _table(["method", "kind", "n", *(c[0] for c in columns), "device"], body) + [""]
+    lines += _family_section(families, held_out)
     if result.split == "relight":
         lines += _per_hdri(result.rows)
     if grid_name:
@@ -280,7 +363,9 @@ def _paper_section() -> list[str]:
 
 
 def write_markdown(path: Path, results: list, summaries: dict[str, list[dict]], settings: dict,
-                   pictures: dict[str, str]) -> None:
+                   pictures: dict[str, str], families: dict[str, list[dict]] | None = None) -> None:
+    families = families or {}
+    held_out = settings.get("held_out_families", ())
     lines = ["# Evaluation report", "",
              f"- command: `{settings['command']}`",
              f"- data: `{settings['data']}`; models: {', '.join(settings['models'])}; rays: {settings['rays']}",
@@ -291,8 +376,17 @@ def write_markdown(path: Path, results: list, summaries: dict[str, list[dict]], 
              "are computed there. PSNR-lin is on linear radiance (peak 1, unclipped). PSNR is capped at 100 dB. "
              "'fg': pixels with G-buffer mask > 0; 'full': the whole frame. Unshadowed: the model's unshadowed "
              "output against Cycles with shadow rays off. Means over samples; times are medians.", ""]
+    family_rows = [row for result in results for row in families.get(result.split, [])]
+    if family_rows:
+        lines += ["## Against GGX, per scene family", "",
+                  *ggx_summary(family_rows, held_out, settings.get("gate")), "",
+                  f"Margin: a model's mean PSNR fg minus GGX's on the same family and split; {WORSE} where it "
+                  "is below 0 (Cycles renders get margins, not flags). Held-out families (splits.json "
+                  f"\"families\"): {', '.join(held_out) if held_out else 'none marked'}. Each split's table "
+                  "below has a row per family and method.", ""]
     for result in results:
-        lines += _split_section(result, summaries[result.split], pictures.get(f"grid_{result.split}"))
+        lines += _split_section(result, summaries[result.split], pictures.get(f"grid_{result.split}"),
+                                families.get(result.split, []), held_out)
     lines += _paper_section()
     lines += ["## Not computed", "", *(f"- {name}: {why}" for name, why in NOT_COMPUTED.items()), ""]
     lines += ["## Timing", "",
@@ -314,8 +408,12 @@ def write_report(out: Path, results: list, settings: dict, training_logs: list[P
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summaries = {result.split: summarize(result) for result in results}
-    written = {"metrics": out / "metrics.csv", "samples": out / "metrics_samples.csv"}
+    held_out, order = settings.get("held_out_families", ()), settings.get("family_order", ())
+    families = {result.split: family_summaries(result, held_out, order) for result in results}
+    written = {"metrics": out / "metrics.csv", "families": out / "metrics_families.csv",
+               "samples": out / "metrics_samples.csv"}
     write_csv(written["metrics"], [s for result in results for s in summaries[result.split]] + paper_rows())
+    write_csv(written["families"], [row for result in results for row in families[result.split]])
     write_csv(written["samples"], [row for result in results for row in result.rows])
     pictures = {}
     for result in results:
@@ -330,5 +428,5 @@ def write_report(out: Path, results: list, settings: dict, training_logs: list[P
         plot_training_curves(training_logs, written["training_curves"])
         pictures["training_curves"] = written["training_curves"].name
     written["report"] = out / "report.md"
-    write_markdown(written["report"], results, summaries, settings, pictures)
+    write_markdown(written["report"], results, summaries, settings, pictures, families)
     return written
