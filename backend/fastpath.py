@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 # oneDNN's linear with a fused post-op (a private op; absent in builds without oneDNN: then addmm)
 _ONEDNN_LINEAR = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None) \
     if torch.backends.mkldnn.is_available() else None
+# its bfloat16 kernels need a CPU with native bf16 (AVX-512 BF16 / AMX); elsewhere bf16 products use addmm
+_ONEDNN_BF16 = _ONEDNN_LINEAR is not None and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def supports(shader: Shader) -> bool:
@@ -81,7 +83,7 @@ def cosines(normal: torch.Tensor, wo: torch.Tensor, directions: torch.Tensor):
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool = False) -> torch.Tensor:
     """x W^T + b (then ReLU). On a CPU with oneDNN this is the fused oneDNN linear that inductor also
     uses: 2-8x faster than addmm for these tall, thin products (K = 4 or 32, N = 6 or 32)."""
-    if x.device.type == "cpu" and _ONEDNN_LINEAR is not None:
+    if x.device.type == "cpu" and _ONEDNN_LINEAR is not None and (x.dtype == torch.float32 or _ONEDNN_BF16):
         return _ONEDNN_LINEAR(x, weight, bias, "relu" if relu else "none", [], "")
     out = torch.addmm(bias, x, weight.T) if bias is not None else torch.mm(x, weight.T)
     return out.relu_() if relu else out
