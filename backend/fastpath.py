@@ -12,7 +12,8 @@ it. What is arranged differently (docs/performance.md has the measurements):
   other layers as oneDNN linears with fused bias and ReLU (addmm off the CPU), optionally in bfloat16
   (precision="bf16").
 - GGX split into per-(pixel, ray) scalars and per-pixel colours: D G / (4 n.o) and s = (1 - h.o)^5
-  are scalars, Fresnel is f0 (1 - s) + s, the diffuse colour albedo / pi (1 - F(n.o)) is per pixel.
+  are scalars, Fresnel is f0 (1 - s) + s; the diffuse colour albedo / pi (1 - F(n.o)) and the multiple-
+  scattering compensation of the specular (brdf.ggx_energy_compensation, a table lookup) are per pixel.
 - Chunks of about PAIRS_PER_CHUNK (pixel, ray) pairs, so that the activations stay in cache on a CPU.
 - Optionally the chunk function through torch.compile (compile=True), falling back to eager on failure
   (inductor: C++/OpenMP on a CPU, generated Triton on CUDA).
@@ -33,6 +34,7 @@ import os
 import torch
 from torch import nn
 
+from . import brdf
 from .brdf import EPS
 from .sampling import RaySet
 from .shaders import GGX, LinearNeuralShader, PixelInputs, Shader
@@ -109,15 +111,24 @@ def _smith_lambda(alpha2: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
     return (torch.sqrt(1 + alpha2 * ((1 - cos2).clamp_(min=0) / cos2)) - 1) / 2
 
 
+def pixel_colours(pixels: PixelInputs, n_dot_o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-pixel colours of the GGX model, (P, 3) each, for the clamped n.o (P, 1): the diffuse colour
+    albedo / pi x brdf.diffuse_weight, called as the reference shaders call it (now without roughness:
+    1 - F(n.o); pass pixels.roughness here when they do), and the specular's scale,
+    brdf.ggx_energy_compensation (multiple scattering; it does not depend on the ray)."""
+    f0 = pixels.specular
+    diffuse = pixels.albedo / math.pi * brdf.diffuse_weight_at(f0, n_dot_o)
+    return diffuse, brdf.ggx_energy_compensation(f0, pixels.roughness, n_dot_o)
+
+
 def brdf_cos(shader: Shader, pixels: PixelInputs, directions: torch.Tensor,
              dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The shader's f cos per (pixel, ray) and colour channel, (P, N, 3): shader.brdf_cos, fast."""
     n_dot_i, i_dot_o, n_dot_h, h_dot_o, n_dot_o_raw, n_dot_o = cosines(pixels.normal, pixels.wo, directions)
     f0 = pixels.specular
     cos_i = n_dot_i.clamp(min=0)
-    # diffuse colour per pixel: albedo / pi (1 - F(n.o)) (brdf.lambert x brdf.diffuse_weight)
-    diffuse = pixels.albedo / math.pi * (1 - (f0 + (1 - f0) * (1 - n_dot_o).clamp(0, 1) ** 5))
-    # GGX (brdf.ggx_specular) as scalars: D G / (4 n.o) [n.i > 0], Fresnel f0 (1 - s) + s
+    diffuse, scale = pixel_colours(pixels, n_dot_o)
+    # GGX (brdf.ggx_specular) as scalars: D G / (4 n.o) [n.i > 0], Fresnel f0 (1 - s) + s, times the colour scale
     alpha = (pixels.roughness * pixels.roughness).clamp(min=1e-3)
     alpha2 = alpha * alpha
     x = n_dot_h * n_dot_h * (alpha2 - 1) + 1
@@ -125,7 +136,8 @@ def brdf_cos(shader: Shader, pixels: PixelInputs, directions: torch.Tensor,
     lobe = lobe.div_((1 + _smith_lambda(alpha2, n_dot_o) + _smith_lambda(alpha2, cos_i)).mul_(4 * n_dot_o))
     lobe = lobe.mul_(n_dot_i > 0)
     schlick = (1 - h_dot_o).clamp_(0, 1).pow_(5)
-    specular = torch.addcmul(f0[:, None], schlick[..., None], (1 - f0)[:, None]).mul_(lobe[..., None])  # (P, N, 3)
+    specular = torch.addcmul((f0 * scale)[:, None], schlick[..., None], ((1 - f0) * scale)[:, None])
+    specular = specular.mul_(lobe[..., None])  # (P, N, 3)
     if isinstance(shader, LinearNeuralShader):
         g = gains(shader, pixels, n_dot_o, [n_dot_i, n_dot_h, h_dot_o, i_dot_o], dtype)
         specular = specular.mul_(g[..., 3:])

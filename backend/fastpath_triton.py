@@ -5,7 +5,8 @@ One program shades BLOCK_P pixels: for each tile of BLOCK_N rays it forms the BL
 on the per-pixel part, the hidden and output layers as tl.dot), the GGX and diffuse terms and the
 product with Li / pdf, and sums over the rays, all in registers: no (P, N, H) activation ever reaches
 memory. That memory traffic is what separates eager PyTorch from the GPU's compute limit (docs/design.md
-section 6). Reference twins: backend/fastpath.py (same arrangement in PyTorch) and shaders.py;
+section 6). The per-pixel colours (the diffuse colour, and the specular's multiple-scattering scale) come
+in from fastpath.pixel_colours. Reference twins: backend/fastpath.py (same arrangement in PyTorch) and shaders.py;
 tests/backend/test_fastpath.py runs this kernel under TRITON_INTERPRET=1 and holds it to them.
 
 Scope: LinearNeuralShader with layers == 2 (the default config) or GGX (no MLP), shared ray sets
@@ -15,13 +16,12 @@ a GPU (docs/performance.md).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from .brdf import EPS
+from .fastpath import pixel_colours
 from .shaders import GGX, LinearNeuralShader, PixelInputs
 
 OUT_COLUMNS = 16  # the 6 gain logits padded to tl.dot's minimum width
@@ -47,8 +47,8 @@ def _smith_lambda(alpha2, cos):
 
 
 @triton.jit
-def _shade_kernel(normal_ptr, wo_ptr, diffuse_ptr, f0_ptr, alpha2_ptr, pixel_part_ptr, dir_ptr, weight_ptr,
-                  w_ray_ptr, w_hid_ptr, b_hid_ptr, w_out_ptr, b_out_ptr, out_ptr, P, N, max_log_gain,
+def _shade_kernel(normal_ptr, wo_ptr, diffuse_ptr, f0_ptr, scale_ptr, alpha2_ptr, pixel_part_ptr, dir_ptr,
+                  weight_ptr, w_ray_ptr, w_hid_ptr, b_hid_ptr, w_out_ptr, b_out_ptr, out_ptr, P, N, max_log_gain,
                   HIDDEN: tl.constexpr, USE_MLP: tl.constexpr, LOW_PRECISION: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
     M: tl.constexpr = BLOCK_P * BLOCK_N
@@ -118,9 +118,10 @@ def _shade_kernel(normal_ptr, wo_ptr, diffuse_ptr, f0_ptr, alpha2_ptr, pixel_par
         for channel in tl.static_range(3):
             diffuse = tl.load(diffuse_ptr + pixel * 3 + channel, mask=pixel_ok, other=0.0)
             f0 = tl.load(f0_ptr + pixel * 3 + channel, mask=pixel_ok, other=0.0)
+            scale = tl.load(scale_ptr + pixel * 3 + channel, mask=pixel_ok, other=0.0)
             weight = tl.load(weight_ptr + ray * 3 + channel, mask=ray_ok, other=0.0)
             diffuse_term = diffuse * cos_i
-            specular_term = lobe * (f0 * (1 - schlick) + schlick)
+            specular_term = lobe * scale * (f0 * (1 - schlick) + schlick)
             if USE_MLP:
                 diffuse_term = diffuse_term * _column(gains, out_columns, channel)
                 specular_term = specular_term * _column(gains, out_columns, 3 + channel)
@@ -148,7 +149,8 @@ def shade(shader, pixels: PixelInputs, directions: torch.Tensor, radiance_over_p
     count, rays = len(pixels), directions.shape[1]
     f0 = pixels.specular.contiguous()
     n_dot_o = (pixels.normal * pixels.wo).sum(-1, keepdim=True).clamp(min=EPS)
-    diffuse = (pixels.albedo / math.pi * (1 - (f0 + (1 - f0) * (1 - n_dot_o).clamp(0, 1) ** 5))).contiguous()
+    diffuse, scale = pixel_colours(pixels, n_dot_o)  # per pixel, (P, 3) each: as the PyTorch fast path
+    diffuse, scale = diffuse.contiguous(), scale.contiguous()
     alpha2 = ((pixels.roughness * pixels.roughness).clamp(min=1e-3) ** 2)[:, 0].contiguous()
     use_mlp = isinstance(shader, LinearNeuralShader)
     hidden = shader.hidden if use_mlp else 16
@@ -169,8 +171,8 @@ def shade(shader, pixels: PixelInputs, directions: torch.Tensor, radiance_over_p
         max_log_gain = 0.0
     out = torch.empty(count, 3, device=device)
     grid = (triton.cdiv(count, block_p),)
-    _shade_kernel[grid](pixels.normal.contiguous(), pixels.wo.contiguous(), diffuse, f0, alpha2, pixel_part,
-                        directions[0].contiguous(), radiance_over_pdf[0].contiguous(), w_ray, w_hid, b_hid, w_out,
-                        b_out, out, count, rays, max_log_gain, HIDDEN=hidden, USE_MLP=use_mlp,
+    _shade_kernel[grid](pixels.normal.contiguous(), pixels.wo.contiguous(), diffuse, f0, scale, alpha2,
+                        pixel_part, directions[0].contiguous(), radiance_over_pdf[0].contiguous(), w_ray, w_hid,
+                        b_hid, w_out, b_out, out, count, rays, max_log_gain, HIDDEN=hidden, USE_MLP=use_mlp,
                         LOW_PRECISION=low_precision, BLOCK_P=block_p, BLOCK_N=block_n)
     return out
