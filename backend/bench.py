@@ -149,10 +149,13 @@ def _timed(run, device: str, repeat: int) -> tuple[list[float], float, list[dict
 
 
 def _subset(prepared, count: int):
-    """The prepared G-buffer with only its first `count` foreground pixels."""
+    """The prepared G-buffer with only its first `count` foreground pixels shaded (the screen-space transport
+    still covers the whole image, as in a full render)."""
     import dataclasses
 
-    return dataclasses.replace(prepared, pixels=prepared.pixels.slice(0, count), index=prepared.index[:count])
+    subset = dataclasses.replace(prepared, pixels=prepared.pixels.slice(0, count), index=prepared.index[:count])
+    subset.screen_space = prepared.screen_space  # built from all the pixels
+    return subset
 
 
 VARIANTS = (  # label, model, fast path, shadows, subset (x --paper-pixels shaded, then extrapolated; 0: all)
@@ -296,7 +299,7 @@ def optimisation_steps(args: argparse.Namespace, repeat: int) -> str:
             lines.append(f"| {label} | {ms:.0f} | {base / ms:.1f}x |")
             print(lines[-1], file=sys.stderr)
         shadow = new_model("default").shadow.eval()
-        images = [torch.rand(1, c, 512, 512) for c in (3, 3, 3, 1, 1, 1, 1)]  # the last: visibility
+        images = [torch.rand(1, c, 512, 512) for c in (3, 3, 3, 1, 1, 1, 1, 3)]  # the last two: visibility, indirect
         for label, memory_format in (("shadow net 512x512, NCHW", torch.contiguous_format),
                                      ("shadow net 512x512, channels_last", torch.channels_last)):
             shadow.to(memory_format=memory_format)

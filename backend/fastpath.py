@@ -113,11 +113,10 @@ def _smith_lambda(alpha2: torch.Tensor, cos: torch.Tensor) -> torch.Tensor:
 
 def pixel_colours(pixels: PixelInputs, n_dot_o: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-pixel colours of the GGX model, (P, 3) each, for the clamped n.o (P, 1): the diffuse colour
-    albedo / pi x brdf.diffuse_weight, called as the reference shaders call it (now without roughness:
-    1 - F(n.o); pass pixels.roughness here when they do), and the specular's scale,
+    albedo / pi x brdf.diffuse_weight (1 - the compensated lobe's albedo), and the specular's scale,
     brdf.ggx_energy_compensation (multiple scattering; it does not depend on the ray)."""
     f0 = pixels.specular
-    diffuse = pixels.albedo / math.pi * brdf.diffuse_weight_at(f0, n_dot_o)
+    diffuse = pixels.albedo / math.pi * brdf.diffuse_weight_at(f0, n_dot_o, pixels.roughness)
     return diffuse, brdf.ggx_energy_compensation(f0, pixels.roughness, n_dot_o)
 
 

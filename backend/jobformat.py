@@ -134,6 +134,9 @@ class Job:
     lights: list[Light] = field(default_factory=list)
 
 
+TRANSPORT_LAYERS = {"visibility": 1, "bounce": 3, "reflection": 3}  # name: channels
+
+
 @dataclass
 class Result:
     shaded: np.ndarray  # (H, W, 3)
@@ -142,6 +145,9 @@ class Result:
     lights: np.ndarray  # (H, W, 3) the lamps' shadowed part of `shaded`
     mask: np.ndarray  # (H, W)
     meta: dict = field(default_factory=dict)
+    # the screen-space terms before the shadow net, for debugging: visibility (H, W), bounce and
+    # reflection (H, W, 3); empty where the model has no transport shadow net or shadows are off
+    transport: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -437,6 +443,8 @@ def result_channels(result: Result) -> dict[str, np.ndarray]:
     channels: dict[str, np.ndarray] = {}
     for name in ("shaded", "unshadowed", "lights", "shadow", "mask"):
         channels.update(_layer_channels(name, getattr(result, name)))
+    for name, array in result.transport.items():
+        channels.update(_layer_channels(name, array))
     return channels
 
 
@@ -452,7 +460,9 @@ def read_result(path: str | Path) -> Result:
                       unshadowed=_gather_layer("unshadowed", 3, layers["unshadowed"], str(path)),
                       lights=_gather_layer("lights", 3, layers["lights"], str(path)),
                       shadow=_gather_layer("shadow", 1, layers["shadow"], str(path)),
-                      mask=_gather_layer("mask", 1, layers["mask"], str(path)), meta=meta)
+                      mask=_gather_layer("mask", 1, layers["mask"], str(path)), meta=meta,
+                      transport={name: _gather_layer(name, count, layers[name], str(path))
+                                 for name, count in TRANSPORT_LAYERS.items() if name in layers})
     except KeyError as missing:
         raise JobError(f"{path}: result layer {missing} is missing") from None
 

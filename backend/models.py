@@ -57,14 +57,17 @@ def build_shadow(config: dict | None) -> ShadowNet | None:
         return None
     if config.get("arch") != "unet":
         raise CheckpointError(f"unknown shadow architecture {config.get('arch')!r}")
+    if config.get("visibility"):
+        raise CheckpointError("this checkpoint's shadow net takes the older visibility-only input; "
+                              "retrain it (pbnds train) for the screen-space transport inputs")
     return ShadowNet(base=config["base"], depth=config["depth"], indirect=config["indirect"],
-                     visibility=config.get("visibility", False))
+                     transport=config.get("transport", False))
 
 
 def new_model(name: str) -> ShadingModel:
     """An untrained model by name: default, pbnds-paper, or a classical shader (no shadow net)."""
     if name == "default":
-        return ShadingModel(name, LinearNeuralShader(), ShadowNet(visibility=True), {"trained": False})
+        return ShadingModel(name, LinearNeuralShader(), ShadowNet(transport=True), {"trained": False})
     if name == "pbnds-paper":
         return ShadingModel(name, PaperShader(), ShadowNet(base=64, depth=4, indirect=False), {"trained": False})
     if name in CLASSICAL:

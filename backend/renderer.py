@@ -17,6 +17,7 @@ the shadow estimator, which sees the HDRI's part only; a light's shadow is its p
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -28,14 +29,15 @@ import torch
 from . import fastpath
 from .camera import view_directions, world_positions
 from .envmap import EnvironmentMap
-from .jobformat import Camera, GBuffer, Job, Options, Result
+from .jobformat import TRANSPORT_LAYERS, Camera, GBuffer, Job, Options, Result
 from .lights import DEFAULT_SAMPLES, Light, shade_lights
 from .models import ShadingModel, load_model
 from .sampling import PER_PIXEL, make_rays
+from .screenspace import ScreenSpace, Transport, light_directions
 from .shaders import PixelInputs
+from .shadow import composite
 from .shadowmaps import ShadowMap, light_size
 from .shadowmaps import visibility as shadow_visibility
-from .visibility import light_directions, screen_space_visibility
 
 Progress = Callable[[float], None]
 CancelCheck = Callable[[], bool]
@@ -100,14 +102,24 @@ class PreparedGBuffer:
         return cls(height, width, torch.from_numpy(index).to(device), pixels, pick(position.astype(np.float32)),
                    images, gbuffer.mask, camera)
 
-    def visibility(self, envmap: EnvironmentMap, rotation: float = 0.0) -> torch.Tensor:
-        """The screen-space direct-light visibility (1, 1, H, W) under the HDRI rotated by `rotation` about +Z."""
+    @functools.cached_property
+    def screen_space(self) -> ScreenSpace:
+        images = self.images
+        return ScreenSpace(images["position"], images["normal"], images["depth"], images["mask"], self.pixels,
+                           self.camera)
+
+    def transport(self, envmap: EnvironmentMap, rotation: float, unshadowed: torch.Tensor,
+                  lights: torch.Tensor) -> Transport:
+        """The screen-space light transport (backend/screenspace.py) under the HDRI rotated by `rotation` about
+        +Z, from its unshadowed shading and the lamps' shadowed light, (1, 3, H, W) each."""
         directions, weights = light_directions(envmap)
         if rotation:
             directions = rotate_z(directions, rotation)
-        images = self.images
-        return screen_space_visibility(images["position"], images["normal"], images["depth"], images["mask"],
-                                       self.camera, directions, weights)
+
+        def environment(world: torch.Tensor) -> torch.Tensor:
+            return envmap.lookup(rotate_z(world, -rotation) if rotation else world)
+
+        return self.screen_space.transport(directions, weights, environment, unshadowed, lights)
 
 
 def chunk_pixels(model: ShadingModel, rays: int, device: torch.device) -> int:
@@ -371,18 +383,26 @@ class Renderer:
 
         unshadowed = image(colour)
         lights, lights_unshadowed = image(lit[0]), image(lit[1])
-        shaded, shadow = unshadowed, torch.ones(height, width, device=self.device)
+        shaded, shadow, layers = unshadowed, torch.ones(height, width, device=self.device), {}
         if options.shadows and model.shadow is not None:
             images = prepared.images
-            visibility = prepared.visibility(envmap, rotation) if model.shadow.visibility else None
+
+            def planar(array: torch.Tensor) -> torch.Tensor:  # (H, W, 3) -> (1, 3, H, W)
+                return array.permute(2, 0, 1)[None]
+
+            physical = []
+            if model.shadow.transport:
+                transport = prepared.transport(envmap, rotation, planar(unshadowed), planar(lights))
+                physical = [transport.visibility, transport.indirect]
+                layers = {name: getattr(transport, name)[0].permute(1, 2, 0).squeeze(-1).cpu().numpy()
+                          for name in TRANSPORT_LAYERS}
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                shadow_image, indirect = model.shadow(unshadowed.permute(2, 0, 1)[None], images["albedo"],
-                                                      images["normal"], images["ao"], images["depth"], images["mask"],
-                                                      visibility)
+                shadow_image, indirect = model.shadow(planar(unshadowed), images["albedo"], images["normal"],
+                                                      images["ao"], images["depth"], images["mask"], *physical)
             shadow_image, indirect = shadow_image.float(), indirect.float()
             mask = images["mask"][0, 0] > 0
             shadow = torch.where(mask, shadow_image[0, 0], 1.0)
-            shaded = (unshadowed * shadow[..., None] + indirect[0].permute(1, 2, 0)) * mask[..., None]
+            shaded = composite(planar(unshadowed), shadow_image, indirect, images["mask"])[0].permute(1, 2, 0)
         timings["shadow_ms"] = (time.perf_counter() - started) * 1e3
         if progress is not None:
             progress(1.0)
@@ -390,4 +410,5 @@ class Renderer:
                 "timings": {k: round(v, 3) for k, v in timings.items()}}
         return Result(shaded=(shaded + lights).cpu().numpy(),
                       unshadowed=(unshadowed + lights_unshadowed).cpu().numpy(),
-                      lights=lights.cpu().numpy(), shadow=shadow.cpu().numpy(), mask=prepared.mask.copy(), meta=meta)
+                      lights=lights.cpu().numpy(), shadow=shadow.cpu().numpy(), mask=prepared.mask.copy(), meta=meta,
+                      transport=layers)

@@ -67,16 +67,17 @@ def _to_world(local: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
 
 
 def _cosine_local(u: torch.Tensor) -> torch.Tensor:
-    r = torch.sqrt(u[:, 0])
-    phi = 2 * math.pi * u[:, 1]
-    return torch.stack([r * torch.cos(phi), r * torch.sin(phi), torch.sqrt((1 - u[:, 0]).clamp(min=0))], -1)
+    r = torch.sqrt(u[..., 0])
+    phi = 2 * math.pi * u[..., 1]
+    return torch.stack([r * torch.cos(phi), r * torch.sin(phi), torch.sqrt((1 - u[..., 0]).clamp(min=0))], -1)
 
 
 def _ggx_directions(u: torch.Tensor, normals: torch.Tensor, wo: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """Light directions wo reflected about half vectors drawn from D(h) (n.h) of GGX (P, N, 3)."""
-    cos2 = (1 - u[None, :, 0]) / (1 + (alpha * alpha - 1) * u[None, :, 0])  # (P, N)
+    """Light directions wo reflected about half vectors drawn from D(h) (n.h) of GGX (P, N, 3); u is (N, 2),
+    shared by the pixels, or (P, N, 2)."""
+    cos2 = (1 - u[..., 0]) / (1 + (alpha * alpha - 1) * u[..., 0])  # (P, N)
     sin = torch.sqrt((1 - cos2).clamp(min=0))
-    phi = 2 * math.pi * u[None, :, 1]
+    phi = 2 * math.pi * u[..., 1]
     h = _to_world(torch.stack([sin * torch.cos(phi), sin * torch.sin(phi), torch.sqrt(cos2)], -1), normals)
     o = wo[:, None]
     return 2 * (o * h).sum(-1, keepdim=True) * h - o

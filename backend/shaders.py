@@ -62,14 +62,17 @@ class Lambert(Shader):
 
 
 class _DiffuseSpecular(Shader):
-    """Lambert diffuse under a specular lobe, the diffuse weighted by 1 - F so energy is conserved."""
+    """Lambert diffuse under a specular lobe, the diffuse weighted by what the lobe does not reflect."""
 
     def specular_lobe(self, pixels, g):
         raise NotImplementedError
 
+    def diffuse_weight(self, pixels, g):
+        return brdf.diffuse_weight(pixels.specular, g)
+
     def brdf_cos(self, pixels, wi):
         g = brdf.geometry(pixels.normal, pixels.wo, wi)
-        diffuse = brdf.lambert(pixels.albedo, g) * brdf.diffuse_weight(pixels.specular, g)
+        diffuse = brdf.lambert(pixels.albedo, g) * self.diffuse_weight(pixels, g)
         return diffuse + self.specular_lobe(pixels, g)
 
 
@@ -86,11 +89,15 @@ class GGX(_DiffuseSpecular):
     def specular_lobe(self, pixels, g):
         return brdf.ggx_specular(pixels.specular, pixels.roughness, g)
 
+    def diffuse_weight(self, pixels, g):
+        """1 - the compensated lobe's albedo, as Cycles' Principled BSDF layers its specular over the base."""
+        return brdf.diffuse_weight(pixels.specular, g, pixels.roughness)
+
 
 class LinearNeuralShader(Shader):
     """The default shader: the GGX model with learned, non-negative per-ray gains.
 
-    f cos = cos (albedo / pi (1 - F) exp(a) + f_ggx exp(b)), where (a, b) (3 + 3 channels) come from
+    f cos = cos (albedo / pi (1 - E_spec) exp(a) + f_ggx exp(b)), where (a, b) (3 + 3 channels) come from
     a small MLP over per-pixel features (albedo, F0, roughness, n.o) and per-ray features
     (n.i, n.h, h.o, i.o). Linear in Li and non-negative per ray, so it is an unbiased estimator under
     any ray set (importance sampling included) and exact in exposure. The first layer is split into a
@@ -125,7 +132,7 @@ class LinearNeuralShader(Shader):
                                   ], dim=-1)
         hidden = self.pixel_in(pixel_features)[:, None] + self.ray_in(ray_features)
         gains = torch.exp(self.out(self.body(hidden)).clamp(max=self.MAX_LOG_GAIN))
-        diffuse = brdf.lambert(pixels.albedo, g) * brdf.diffuse_weight(pixels.specular, g)
+        diffuse = brdf.lambert(pixels.albedo, g) * brdf.diffuse_weight(pixels.specular, g, pixels.roughness)
         specular = brdf.ggx_specular(pixels.specular, pixels.roughness, g)
         return diffuse * gains[..., :3] + specular * gains[..., 3:]
 

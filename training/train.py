@@ -382,11 +382,6 @@ class ShaderStage:
 SHADOW_INPUTS = ("unshadowed", "albedo", "normal", "ao", "depth", "mask")
 
 
-def composite(unshadowed, shadow, indirect, mask):
-    """The shaded image as the renderer composes it: unshadowed x shadow + indirect on the foreground."""
-    return (unshadowed * shadow + indirect) * (mask > 0)
-
-
 class ShadowStage:
     """Stage two: the shadow estimator on whole images (or crops) of the frozen shader's output."""
 
@@ -417,12 +412,14 @@ class ShadowStage:
             for p, image, sample in zip(prepared, unshadowed, samples, strict=True):
                 images = {"unshadowed": image, "target": sample.gt_full}
                 images = {k: torch.from_numpy(v).permute(2, 0, 1)[None].to(workers.device) for k, v in images.items()}
-                if model.shadow.visibility:
-                    images["visibility"] = p.visibility(EnvironmentMap(sample.job.hdri, workers.device))
+                if model.shadow.transport:
+                    envmap = EnvironmentMap(sample.job.hdri, workers.device)
+                    transport = p.transport(envmap, 0.0, images["unshadowed"], torch.zeros_like(images["unshadowed"]))
+                    images.update(visibility=transport.visibility, indirect=transport.indirect)
                 out.append({**p.images, **images})
             return out
 
-        self.inputs = (*SHADOW_INPUTS, "visibility") if model.shadow.visibility else SHADOW_INPUTS
+        self.inputs = (*SHADOW_INPUTS, "visibility", "indirect") if model.shadow.transport else SHADOW_INPUTS
 
         self.train = tensors(train, "stage 2: shading the training images")
         self.val = tensors(val, "stage 2: shading the validation images")
@@ -435,6 +432,8 @@ class ShadowStage:
 
     def loss(self, module, step: int):
         import torch
+
+        from backend.shadow import composite
 
         config = self.config
         images = step_images(config.seed, 2, step, self.images, self.per_step, self.workers)
@@ -457,6 +456,8 @@ class ShadowStage:
 
     def validate(self, checkpoint: Path) -> dict[str, float]:
         import torch
+
+        from backend.shadow import composite
 
         predictions, targets, masks = [], [], []
         with torch.no_grad():

@@ -119,7 +119,7 @@ def test_two_stages_learn_and_the_model_reloads(dataset, tmp_path):
     rays = make_rays("uniform", 16, 3)
     radiance = torch.rand(1, 16, 3)
     images = [prepared.images[k] for k in ("albedo", "normal", "ao", "depth", "mask")]
-    images.append(torch.rand(1, 1, SIZE, SIZE))  # the visibility input of the default shadow net
+    images += [torch.rand(1, 1, SIZE, SIZE), torch.rand(1, 3, SIZE, SIZE)]  # the default net's visibility, indirect
     unshadowed = torch.rand(1, 3, SIZE, SIZE)
     with torch.no_grad():
         pixels = prepared.pixels

@@ -1,0 +1,276 @@
+"""Screen-space light transport: cast shadows, one-bounce diffuse light and reflections from the G-buffer.
+
+The shader lights every pixel by the whole HDRI, as if nothing stood in the way. What the depth buffer
+shows of the scene corrects that physically, before any network (the shadow net only refines these terms):
+
+- visibility (1, 1, H, W): the share of the HDRI's cosine-weighted direct light that reaches the pixel,
+  sum_k w_k cos_k V_k / sum_k w_k cos_k over K directions importance-sampled from the HDRI's luminance
+  (w_k = luminance / pdf, shared by every pixel); 1 where nothing blocks. For the diffuse layer this is
+  exactly the visible fraction of the light; the shaded image is unshadowed x visibility.
+- bounce (1, 3, H, W): light that on-screen surfaces send into the pixel's diffuse layer,
+  albedo (1 - F) mean_k L(hit_k) over cosine-distributed rays, where L is the direct-lit image at the
+  pixel a ray hits (a ray that escapes sees the HDRI, which the shading already holds).
+- reflection (1, 3, H, W): the same through the GGX lobe of glossy pixels, mean_k (f cos / pdf)_k
+  (L(hit_k) - V L_env(d_k)): objects seen in a glossy floor, in place of the sky the shading put there
+  (which the visibility V already dimmed; negative where a dark object hides a bright sky); rays that
+  escape the screen keep the HDRI.
+
+A ray is marched through the depth buffer in STEPS steps up to REACH x the median foreground depth (so
+nothing depends on the scene's units); a step is blocked where it lies behind the visible surface by more
+than a tolerance and less than a thickness (THICKNESS x n.wo: objects are assumed that solid behind
+their visible surface, thinner towards their silhouettes). Step positions are jittered
+per pixel and ray: fixed positions find a thin occluder at the same distances from every pixel and draw
+repeated "ghost" copies of its shadow in stripes; jittered ones turn that into noise, which an
+edge-aware (tangent plane and normal) filter removes. A hit below the start's tangent plane is
+not one (the ray passed behind its own object). What the camera does not see (off-screen or hidden
+occluders, the backs of objects) cannot block or bounce: the network corrects what it can.
+
+Cost: pixels x rays x steps depth lookups. Above MARCH_BUDGET foreground pixels, one pixel per block
+marches and its block shares what its rays hit (each pixel keeps its own cosine weights and radiance).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from . import brdf
+from .envmap import EnvironmentMap, luminance
+from .jobformat import Camera
+from .sampling import _cosine_local, _ggx_directions, _ggx_pdf, _to_world, make_rays
+from .shaders import PixelInputs
+
+LIGHTS = 32  # HDRI directions for the visibility
+BOUNCE_RAYS = 8  # cosine rays per pixel for the bounce light
+REFLECTION_RAYS = 4  # GGX rays per glossy pixel for the reflections
+GLOSSY = 0.5  # reflections are marched for roughness below this (rougher lobes reach the bounce's scale)
+STEPS = 16  # march steps per ray
+REACH = 1.0  # march length, x median foreground depth
+THICKNESS = 0.25  # a surface blocks points up to this far behind it, x median foreground depth x n.wo
+MIN_FACING = 0.2  # ... with n.wo at least this
+TOLERANCE = 0.003  # ... and further behind than this, x the step's depth (depth-buffer precision)
+OFFSET = 0.005  # rays start this far off the surface along its normal, x the pixel's depth
+MARCH_BUDGET = 1 << 16  # foreground pixels that march; above it, one per block
+CHUNK_RAYS = 8192  # rays marched at a time (small chunks stay in cache: 2-3x faster than 32k)
+FILTER_RADIUS = 2  # the edge-aware filter's half width, pixels
+Environment = Callable[[torch.Tensor], torch.Tensor]  # world directions (..., 3) -> the HDRI's radiance (..., 3)
+
+
+@dataclass
+class Transport:
+    """The physical screen-space terms of one image, (1, C, H, W) each."""
+
+    visibility: torch.Tensor
+    bounce: torch.Tensor
+    reflection: torch.Tensor
+
+    @property
+    def indirect(self) -> torch.Tensor:
+        return self.bounce + self.reflection
+
+
+def light_directions(envmap: EnvironmentMap, count: int = LIGHTS, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(directions (K, 3), weights (K,)): importance samples of the HDRI's luminance and their luminance / pdf."""
+    rays = make_rays("importance", count, seed, envmap=envmap, device=envmap.device)
+    directions = rays.directions.reshape(-1, 3)
+    return directions, luminance(envmap.lookup(directions)) / rays.pdf.reshape(-1).clamp(min=1e-12)
+
+
+class ScreenSpace:
+    """The depth buffer and materials of one image, ready for marching: built once per G-buffer and kept for
+    relights. The bounce and reflection rays do not depend on the lighting, so what they hit is marched once
+    (on first use) and a relight only gathers the new radiance there; the visibility is marched per HDRI."""
+
+    def __init__(self, position: torch.Tensor, normal: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor,
+                 pixels: PixelInputs, camera: Camera, *, seed: int = 0, budget: int = MARCH_BUDGET):
+        """position, normal (1, 3, H, W) world space; depth, mask (1, 1, H, W), depth along the view axis;
+        pixels: the foreground pixels' materials and view directions, in the mask's row-major order."""
+        device = position.device
+        self.height, self.width = height, width = depth.shape[-2:]
+        self.depth, self.mask, self.materials, self.seed = depth, mask, pixels, seed
+        foreground = mask[0, 0] > 0
+        self.pixels = foreground.flatten().nonzero()[:, 0]  # (P,) flat indices of the foreground
+        self.scale = depth[0, 0][foreground].median() if foreground.any() else depth.new_tensor(1.0)
+        self.normal_map = normal[0].flatten(1).T  # (H W, 3), to check which side of a surface a ray hits
+        self.normals = self.normal_map[self.pixels]  # (P, 3)
+        # One marching pixel per block x block block; `follows[i]`: the marcher whose hits pixel i shares.
+        block = max(1, math.ceil(math.sqrt(len(self.pixels) / budget)))
+        rows, cols = self.pixels // width, self.pixels % width
+        block_of = (rows // block) * -(-width // block) + cols // block
+        blocks, self.follows = torch.unique(block_of, return_inverse=True)
+        self.marchers = torch.full((len(blocks),), len(rows), device=device).scatter_reduce_(
+            0, self.follows, torch.arange(len(rows), device=device), "amin")  # indices into the foreground
+        marching = self.pixels[self.marchers]
+        self.position_map = position[0].flatten(1).T  # (H W, 3)
+        self.start_normals = self.normal_map[marching]
+        self.starts = (self.position_map[marching]
+                       + self.start_normals * (OFFSET * depth[0, 0].flatten()[marching])[:, None])
+        # Background and a one-pixel border beyond the image are infinitely far: a step that leaves the
+        # image (or goes behind the camera: its coordinates clamp onto the border) is never blocked.
+        self.depth_map = F.pad(torch.where(foreground, depth[0, 0], torch.inf), (1, 1, 1, 1),
+                               value=torch.inf).flatten()
+        # How far behind its visible surface an object is solid: the chord of a convex object shrinks
+        # towards its silhouette like n.wo does (for a sphere exactly: 2 r n.wo), so a ray that passes just
+        # behind an object's rim is not taken for blocked.
+        facing = torch.zeros(height * width, device=device)
+        facing[self.pixels] = (self.normals * pixels.wo).sum(-1).clamp(MIN_FACING, 1)
+        self.thickness_map = F.pad((THICKNESS * self.scale * facing).view(height, width), (1, 1, 1, 1)).flatten()
+        # Homogeneous transforms are linear: clip(start + t d) = clip(start) + t clip(d, w=0); the same for
+        # the view-axis depth (the camera looks down its -Z). Rows: clip x, clip y, clip w, view depth.
+        world_to_camera = torch.as_tensor(camera.world_to_camera, dtype=torch.float32, device=device)
+        projection = torch.as_tensor(camera.projection, dtype=torch.float32, device=device)
+        self.to_screen = torch.stack([*(projection @ world_to_camera)[[0, 1, 3]], -world_to_camera[2]])  # (4, 4)
+        self._paths: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _uniforms(self, shape: tuple[int, ...], stream: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 7919 + stream)
+        return torch.rand(shape, generator=generator).to(self.depth.device)
+
+    def march(self, directions: torch.Tensor, jitter: torch.Tensor) -> torch.Tensor:
+        """What the marchers' rays hit: (M, K) flat pixel indices, -1 where a ray escapes.
+
+        directions (1 or M, K, 3) world space; jitter (M, K) in [0, 1), each ray's offset of its steps."""
+        width, height = self.width, self.height
+        steps = torch.arange(STEPS, device=directions.device)
+        hits = torch.empty(jitter.shape, dtype=torch.long, device=directions.device)
+        chunk = max(1, CHUNK_RAYS // jitter.shape[1])
+        for lo in range(0, len(self.starts), chunk):
+            hi = min(lo + chunk, len(self.starts))
+            dirs = directions if directions.shape[0] == 1 else directions[lo:hi]
+            # denser near the surface, where contact shadows are; jittered so no two neighbours step alike
+            distance = REACH * self.scale * ((steps + jitter[lo:hi, :, None]) / STEPS) ** 2  # (m, K, S)
+            along = torch.einsum("rc,mkc->rmk", self.to_screen[:, :3], dirs)[..., None]  # (4, m or 1, K, 1)
+            base = (self.to_screen[:, :3] @ self.starts[lo:hi].T + self.to_screen[:, 3:])[:, :, None, None]
+            x, y, w, view_depth = base + along * distance
+            w = w.clamp(min=1e-8)
+            col = (x / w + 1).mul_(width / 2).floor_().clamp_(-1, width).add_(1)  # in the padded map
+            row = (1 - y / w).mul_(height / 2).floor_().clamp_(-1, height).add_(1)
+            index = (row * (width + 2) + col).long()
+            behind = view_depth - self.depth_map[index]
+            blocked = (behind > TOLERANCE * view_depth) & (behind < self.thickness_map[index])
+            first = blocked.to(torch.uint8).argmax(-1, keepdim=True)  # the first blocked step
+            hit_row = row.gather(-1, first)[..., 0].long() - 1
+            hit_col = col.gather(-1, first)[..., 0].long() - 1
+            hit = (hit_row * width + hit_col).clamp_(0, width * height - 1)
+            # A surface below the start's tangent plane cannot be in the way of a ray that leaves it (the
+            # ray passed behind the start's own object, e.g. near a sphere's silhouette): it escapes.
+            above = ((self.position_map[hit] - self.starts[lo:hi, None]) * self.start_normals[lo:hi, None]).sum(-1)
+            hits[lo:hi] = torch.where(blocked.any(-1) & (above > 0), hit, -1)
+        return hits
+
+    def _image(self, values: torch.Tensor) -> torch.Tensor:
+        """Foreground values (P, C) as a (1, C, H, W) image, 0 on the background."""
+        out = values.new_zeros(self.height * self.width, values.shape[-1])
+        out[self.pixels] = values
+        return out.T.reshape(1, -1, self.height, self.width)
+
+    def visibility(self, directions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The visible share of the direct light from directions (K, 3) of weights (K,), (1, 1, H, W)."""
+        jitter = self._uniforms((len(self.starts), len(directions)), 0)
+        free = self.march(directions[None], jitter) < 0  # (M, K)
+        light = (self.normals @ directions.T).clamp(min=0) * weights  # (P, K)
+        total = light.sum(-1)
+        share = torch.where(total > 0, (light * free[self.follows]).sum(-1) / total.clamp(min=1e-12), 1.0)
+        out = self._image(share[:, None]) + (1 - self.mask)
+        return self.smooth(out).clamp(0, 1)
+
+    def _trace(self, directions: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hit pixel (M, K), seen (M, K)): where the marchers' rays land on an on-screen surface facing them."""
+        hits = self.march(directions, self._uniforms(directions.shape[:2], stream))
+        index = hits.clamp(min=0)
+        facing = (self.normal_map[index] * directions).sum(-1) < 0
+        return index, (hits >= 0) & facing
+
+    def _bounce_paths(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cosine rays: (directions, hit pixel (M, K), weight (M, K, 1)), the weight 1 / K where a surface is seen."""
+        local = _cosine_local(self._uniforms((len(self.starts), BOUNCE_RAYS, 2), 1))
+        directions = _to_world(local, self.normals[self.marchers])
+        index, seen = self._trace(directions, 1)
+        return directions, index, (seen / BOUNCE_RAYS)[..., None]
+
+    def _reflection_paths(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """GGX rays of glossy marchers: (directions, hit pixel (M, K), weight f cos / (pdf K) (M, K, 3), 0 where
+        not seen)."""
+        m, materials = self.marchers, self.materials
+        normals, wo, roughness = self.normals[m], materials.wo[m], materials.roughness[m]
+        alpha = brdf.ggx_alpha(roughness)
+        directions = _ggx_directions(self._uniforms((len(m), REFLECTION_RAYS, 2), 2), normals, wo, alpha)
+        index, seen = self._trace(directions, 2)
+        seen &= roughness < GLOSSY
+        g = brdf.geometry(normals, wo, directions)
+        pdf = _ggx_pdf(directions, normals, wo, alpha).clamp(min=1e-6)[..., None]
+        weight = brdf.ggx_specular(materials.specular[m], roughness, g) / (pdf * REFLECTION_RAYS)
+        return directions, index, weight * seen[..., None]
+
+    def _paths_of(self, term: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if term not in self._paths:
+            self._paths[term] = self._bounce_paths() if term == "bounce" else self._reflection_paths()
+        return self._paths[term]
+
+    def _gather(self, index: torch.Tensor, weight: torch.Tensor, radiance: torch.Tensor) -> torch.Tensor:
+        """sum_k weight_k radiance(hit_k) per marcher (M, 3) from an image (1, 3, H, W)."""
+        return (radiance[0].flatten(1).T[index] * weight).sum(1)
+
+    def bounce(self, radiance: torch.Tensor) -> torch.Tensor:
+        """One-bounce diffuse light (1, 3, H, W) from the direct-lit image `radiance` (1, 3, H, W):
+        albedo (1 - F(n.o)) x the mean radiance that cosine rays find on screen. (The HDRI light that those
+        surfaces block is what the visibility takes away.)"""
+        _, index, weight = self._paths_of("bounce")
+        materials = self.materials
+        g = brdf.geometry(self.normals, materials.wo, self.normals[:, None])
+        diffuse = materials.albedo * brdf.diffuse_weight(materials.specular, g, materials.roughness)[:, 0]
+        return self.smooth(self._image(diffuse * self._gather(index, weight, radiance)[self.follows]))
+
+    def reflection(self, radiance: torch.Tensor, environment: Environment, visibility: torch.Tensor) -> torch.Tensor:
+        """What glossy pixels (roughness < GLOSSY) reflect of on-screen surfaces, (1, 3, H, W), in place of the
+        HDRI that the shading reflected along those rays (the shaded image holds it times the pixel's
+        visibility (1, 1, H, W)): sum_k f cos / pdf (L(hit_k) - V L_env(d_k)) / K. It is negative where a
+        dark object hides a bright sky in a glossy floor."""
+        directions, index, weight = self._paths_of("reflection")
+        seen_sky = (environment(directions) * weight).sum(1)[self.follows]
+        shown = visibility.flatten()[self.pixels, None]
+        replaced = self._gather(index, weight, radiance)[self.follows] - shown * seen_sky
+        return self.smooth(self._image(replaced))
+
+    def transport(self, directions: torch.Tensor, weights: torch.Tensor, environment: Environment,
+                  unshadowed: torch.Tensor, lights: torch.Tensor) -> Transport:
+        """All three terms for HDRI light directions (K, 3) of weights (K,), the HDRI's radiance by direction,
+        its unshadowed shading and the lamps' shadowed light (1, 3, H, W): the bounce and the reflections
+        carry the direct-lit image, unshadowed x visibility + lights."""
+        visibility = self.visibility(directions, weights)
+        direct = unshadowed * visibility + lights
+        return Transport(visibility, self.bounce(direct), self.reflection(direct, environment, visibility))
+
+    def smooth(self, image: torch.Tensor) -> torch.Tensor:
+        """An edge-aware (joint bilateral) filter of image (1, C, H, W) over the foreground: neighbours count
+        by how close they lie to the pixel's tangent plane and how alike their normals are, so shadow edges
+        along geometry stay sharp."""
+        r = FILTER_RADIUS
+        normal = self.normal_map.T.reshape(1, 3, self.height, self.width)
+        position = self.position_map.T.reshape(1, 3, self.height, self.width)
+
+        def padded(x):
+            return F.pad(x, (r, r, r, r), mode="replicate")
+
+        image_p, position_p, normal_p, mask_p = padded(image), padded(position), padded(normal), padded(self.mask)
+        total = torch.zeros_like(image)
+        weight_sum = torch.zeros_like(self.depth)
+        tolerance = 0.02 * self.depth.clamp(min=1e-6)
+        for dy in range(2 * r + 1):
+            for dx in range(2 * r + 1):
+                window = (..., slice(dy, dy + self.height), slice(dx, dx + self.width))
+                # how far the neighbour lies off the pixel's tangent plane, relative to the pixel's depth:
+                # a receding floor keeps its neighbours, a step in depth does not
+                off_plane = ((position_p[window] - position) * normal).sum(1, keepdim=True)
+                close = torch.exp(-((off_plane / tolerance) ** 2))
+                aligned = (normal_p[window] * normal).sum(1, keepdim=True).clamp(min=0) ** 8
+                spatial = math.exp(-(dx - r) ** 2 / (r * r) - (dy - r) ** 2 / (r * r))
+                weight = close * aligned * mask_p[window] * spatial
+                total += weight * image_p[window]
+                weight_sum += weight
+        filtered = total / weight_sum.clamp(min=1e-8)
+        return torch.where(self.mask > 0, filtered, image)

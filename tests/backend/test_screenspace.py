@@ -1,0 +1,254 @@
+"""Screen-space light transport (backend/screenspace.py) against analytic ray tracing of spheres on a plane:
+cast shadows, one-bounce diffuse light and reflections, and the shadow net that refines them."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from backend.envmap import EnvironmentMap
+from backend.jobformat import Camera, Options, read_result, write_result
+from backend.models import build_shadow
+from backend.renderer import PreparedGBuffer, Renderer
+from backend.screenspace import ScreenSpace, light_directions
+from backend.shadow import ShadowNet
+from backend.synthetic import Material, Plane, Sphere, constant_hdri, demo_scene_job, look_at, perspective, trace
+
+HEIGHT = 64
+SPHERES = [((-1.1, 0.0, 0.5), 0.5), ((0.0, 0.4, 0.5), 0.5), ((1.1, 0.0, 0.5), 0.5)]  # demo_scene_job's
+
+
+def sun_hdri(row, col, sky=0.01, sun=2000.0, height=HEIGHT):
+    """A dim sky and a 2x2-texel sun whose block's corner is at (row, col); returns (hdri, sun direction)."""
+    hdri = np.full((height, 2 * height, 3), sky, np.float32)
+    hdri[row:row + 2, col:col + 2] = sun
+    theta, phi = (row + 1) / height * math.pi, (0.5 - (col + 1) / (2 * height)) * 2 * math.pi  # the contract's
+    return hdri, np.array([math.sin(theta) * math.cos(phi), math.sin(theta) * math.sin(phi), math.cos(theta)])
+
+
+def ray_hits_spheres(start, direction, spheres):
+    """Per point (H, W, 3): whether the ray from it along direction ((3,) or (H, W, 3)) hits a sphere, and where."""
+    hit, nearest = np.zeros(start.shape[:2], bool), np.full(start.shape[:2], np.inf)
+    for centre, radius in spheres:
+        offset = start - np.array(centre)
+        b = (offset * direction).sum(-1)
+        disc = b * b - ((offset * offset).sum(-1) - radius**2)
+        t = -b - np.sqrt(np.maximum(disc, 0))
+        new = (disc > 0) & (t > 0) & (t < nearest)
+        hit |= new
+        nearest = np.where(new, t, nearest)
+    return hit, nearest
+
+
+def one_sphere_on_a_plane(width=160, height=120, material=None, floor=None):
+    """A sphere of radius 0.5 resting on a plane, seen from above at an angle; returns (gbuffer, camera)."""
+    camera = Camera(look_at((0.0, -4.0, 2.6), (0.0, 0.0, 0.3)), perspective(40.0, width / height))
+    objects = [Plane(0.0, 3.0, floor or Material((0.5, 0.5, 0.5), roughness=0.8)),
+               Sphere((0.0, 0.0, 0.5), 0.5, material or Material())]
+    return trace(camera, width, height, objects), camera
+
+
+def screen_space(gbuffer, camera, **kwargs) -> ScreenSpace:
+    prepared = PreparedGBuffer.build(gbuffer, camera, "cpu")
+    images = prepared.images
+    return ScreenSpace(images["position"], images["normal"], images["depth"], images["mask"], prepared.pixels, camera,
+                       **kwargs)
+
+
+def components(mask, smallest=4):
+    """Connected (4-neighbour) regions of a mask of at least `smallest` pixels."""
+    far = mask.size
+    label = np.where(mask, np.arange(mask.size).reshape(mask.shape), far)
+    while True:
+        low = label.copy()
+        low[1:], low[:-1] = np.minimum(low[1:], label[:-1]), np.minimum(low[:-1], label[1:])
+        low[:, 1:], low[:, :-1] = np.minimum(low[:, 1:], low[:, :-1]), np.minimum(low[:, :-1], low[:, 1:])
+        low = np.where(mask, low, far)
+        if np.array_equal(low, label):
+            break
+        label = low
+    _, sizes = np.unique(label[mask], return_counts=True)
+    return int((sizes >= smallest).sum())
+
+
+def dilate(mask, pixels):
+    out = mask.copy()
+    for _ in range(pixels):
+        grown = out.copy()
+        grown[1:] |= out[:-1]
+        grown[:-1] |= out[1:]
+        grown[:, 1:] |= out[:, :-1]
+        grown[:, :-1] |= out[:, 1:]
+        out = grown
+    return out
+
+
+@pytest.mark.parametrize("row, col", [(28, 80), (44, 180), (52, 120)])  # high behind, low right, low in front
+def test_a_sphere_on_a_plane_casts_one_shadow_of_the_ray_traced_area(row, col):
+    hdri, sun = sun_hdri(row, col, height=128)  # a sun 1.4 degrees wide
+    gbuffer, camera = one_sphere_on_a_plane(240, 180)
+    directions, weights = light_directions(EnvironmentMap(hdri))
+    visibility = screen_space(gbuffer, camera).visibility(directions, weights)[0, 0].numpy()
+    ground = (gbuffer.mask > 0) & (gbuffer.normal[..., 2] > 0.99)
+    expected, _ = ray_hits_spheres(gbuffer.position + 1e-3 * gbuffer.normal, sun, [((0.0, 0.0, 0.5), 0.5)])
+    expected &= ground
+    shadowed = (visibility < 0.5) & ground
+    assert expected.sum() > 200  # the case has a shadow on screen
+    # its area, within 10% of ray tracing: the occlusion summed over the ground (the estimate is soft at
+    # its edges, as the 32 light samples and the filter make it); thresholded at 0.5, within 15%
+    assert abs((1 - visibility)[ground].sum() / expected.sum() - 1) < 0.10
+    assert abs(shadowed.sum() / expected.sum() - 1) < 0.15
+    # one shadow: no more pieces than the ray-traced one (which the sphere can cut), no ghost copies
+    assert components(shadowed) <= components(expected)
+    assert (shadowed & ~dilate(expected, 2)).sum() < 0.03 * expected.sum()
+    assert visibility[gbuffer.mask == 0].min() == 1.0
+
+
+def test_the_demo_scenes_shadows_match_ray_traced_ones_on_the_ground():
+    hdri, sun = sun_hdri(26, 80)
+    job = demo_scene_job(128, 96, hdri=hdri)
+    gbuffer = job.gbuffer
+    directions, weights = light_directions(EnvironmentMap(hdri))
+    visibility = screen_space(gbuffer, job.camera).visibility(directions, weights)[0, 0].numpy()
+    ground = (gbuffer.mask > 0) & (gbuffer.normal[..., 2] > 0.99) & (gbuffer.normal @ sun > 0)
+    expected, _ = ray_hits_spheres(gbuffer.position + 1e-3 * gbuffer.normal, sun, SPHERES)
+    assert 0.05 < expected[ground].mean() < 0.6
+    assert ((visibility[ground] < 0.5) == expected[ground]).mean() > 0.95
+
+
+def test_nothing_blocks_an_empty_ground_and_depth_alone_gives_the_same():
+    hdri, _ = sun_hdri(20, 60)
+    job = demo_scene_job(64, 48, hdri=hdri)
+    directions, weights = light_directions(EnvironmentMap(hdri))
+    ground = trace(job.camera, 64, 48, [Plane(0.0, 2.5)])
+    assert screen_space(ground, job.camera).visibility(directions, weights).min() == 1.0
+    with_position = screen_space(job.gbuffer, job.camera).visibility(directions, weights)
+    job.gbuffer.position = None  # reconstructed from the depth and the camera instead
+    from_depth = screen_space(job.gbuffer, job.camera).visibility(directions, weights)
+    assert with_position.min() < 0.5 and (with_position - from_depth).abs().mean() < 0.01
+
+
+def test_a_rotated_hdri_casts_the_shadows_of_rotating_the_map():
+    """Relights pass a rotation instead of a rotated map: the shadows must move the same way."""
+    hdri, _ = sun_hdri(26, 80)
+    job = demo_scene_job(128, 96, hdri=hdri)
+    prepared = PreparedGBuffer.build(job.gbuffer, job.camera, "cpu")
+    envmap = EnvironmentMap(hdri)
+    black = torch.zeros(1, 3, 96, 128)
+    angle = 2 * math.pi * 24 / hdri.shape[1]  # a whole number of texels: the rotated map is exact
+    by_rotation = prepared.transport(envmap, angle, black, black).visibility
+    of_rotated_map = prepared.transport(envmap.rotated(angle), 0.0, black, black).visibility
+    unrotated = prepared.transport(envmap, 0.0, black, black).visibility
+    assert (by_rotation < 0.5).float().mean() > 0.02  # the rotated sun still casts shadows on screen
+    assert ((by_rotation < 0.5) == (of_rotated_map < 0.5)).float().mean() > 0.99
+    assert ((by_rotation < 0.5) != (unrotated < 0.5)).float().mean() > 0.02  # and they moved
+
+
+def test_marching_one_pixel_per_block_agrees_with_marching_every_pixel():
+    hdri, _ = sun_hdri(26, 80)
+    job = demo_scene_job(128, 96, hdri=hdri)
+    directions, weights = light_directions(EnvironmentMap(hdri))
+    every = screen_space(job.gbuffer, job.camera).visibility(directions, weights)
+    shared = screen_space(job.gbuffer, job.camera, budget=128 * 96 // 4).visibility(directions, weights)
+    assert (every < 0.5).float().mean() > 0.02  # there are shadows to agree on
+    assert ((every < 0.5) == (shared < 0.5)).float().mean() > 0.97 and (every - shared).abs().mean() < 0.02
+
+
+def test_the_bounce_light_of_a_glowing_sphere_matches_its_form_factor():
+    """A sphere of radiance L above a matte floor: the floor receives albedo L cos(theta) (r / d)^2 (the form
+    factor of a sphere seen fully above the horizon) from it, and the sphere receives nothing from itself."""
+    gbuffer, camera = one_sphere_on_a_plane(floor=Material((1.0, 1.0, 1.0), roughness=1.0, specular_level=0.0))
+    space = screen_space(gbuffer, camera)
+    sphere = (gbuffer.mask > 0) & (gbuffer.position[..., 2] > 1e-3)
+    radiance = torch.from_numpy(np.where(sphere[..., None], 1.0, 0.0).astype(np.float32)).permute(2, 0, 1)[None]
+    bounce = space.bounce(radiance)[0, 0].numpy()
+    offset = np.array([0.0, 0.0, 0.5]) - gbuffer.position
+    distance = np.linalg.norm(offset, axis=-1)
+    cos_theta = offset[..., 2] / np.maximum(distance, 1e-6)
+    # floor points in front of the sphere (its visible side faces them), clear of the contact region
+    floor = (gbuffer.mask > 0) & ~sphere & (gbuffer.position[..., 1] < -0.3) & (distance < 1.6)
+    floor &= cos_theta > 0.5 / np.maximum(distance, 1e-6)  # the whole sphere above the horizon
+    expected = cos_theta * (0.5 / distance) ** 2
+    assert floor.sum() > 100 and expected[floor].mean() > 0.04
+    assert abs(bounce[floor].mean() / expected[floor].mean() - 1) < 0.15
+    assert bounce[sphere].max() < 1e-6  # a convex object does not light itself
+    far = (gbuffer.mask > 0) & ~sphere & (distance > 2.5)
+    assert bounce[far].mean() < 0.2 * expected[far].mean() + 1e-3
+
+
+def test_a_mirror_floor_reflects_the_sphere_in_place_of_the_sky():
+    """A white metal floor of low roughness: where its mirror ray meets the sphere, the reflection term
+    replaces the sky's radiance (1) by the sphere's (0.25); elsewhere it is 0."""
+    floor = Material((1.0, 1.0, 1.0), metallic=1.0, roughness=0.05)
+    gbuffer, camera = one_sphere_on_a_plane(floor=floor)
+    space = screen_space(gbuffer, camera)
+    sphere = (gbuffer.mask > 0) & (gbuffer.position[..., 2] > 1e-3)
+    radiance = torch.from_numpy(np.where(sphere[..., None], 0.25, 0.0).astype(np.float32)).permute(2, 0, 1)[None]
+    reflection = space.reflection(radiance, lambda d: torch.ones_like(d), torch.ones(1, 1, *sphere.shape))[0, 0].numpy()
+    eye = np.linalg.inv(camera.world_to_camera)[:3, 3]
+    view = gbuffer.position - eye
+    mirror = view * np.array([1.0, 1.0, -1.0])
+    mirror /= np.linalg.norm(mirror, axis=-1, keepdims=True)
+    hits, _ = ray_hits_spheres(gbuffer.position + 1e-3 * gbuffer.normal, mirror, [((0.0, 0.0, 0.5), 0.5)])
+    ground = (gbuffer.mask > 0) & ~sphere
+    inside, outside = ground & hits & ~dilate(~hits, 3), ground & ~dilate(hits, 3)
+    assert inside.sum() > 100
+    assert abs(np.median(reflection[inside]) - (0.25 - 1.0)) < 0.1  # F = 1: the whole difference
+    assert np.abs(reflection[outside]).mean() < 0.01
+
+
+def test_rough_surfaces_reflect_nothing_and_the_paths_are_kept_for_relights():
+    gbuffer, camera = one_sphere_on_a_plane(floor=Material((0.5, 0.5, 0.5), roughness=0.9))
+    space = screen_space(gbuffer, camera)
+    ones = torch.ones(1, 3, *gbuffer.mask.shape)
+    floor = torch.from_numpy(gbuffer.position[..., 2] < 1e-3)
+    assert space.reflection(ones, lambda d: torch.zeros_like(d), ones[:, :1])[0][:, floor].abs().max() == 0
+    first = space.bounce(ones)
+    assert set(space._paths) == {"bounce", "reflection"}
+    assert torch.equal(space.bounce(ones * 2), first * 2)  # linear in the radiance, the same rays
+
+
+def test_the_transport_net_starts_at_the_physical_terms_and_stays_bounded():
+    torch.manual_seed(0)
+    net = ShadowNet(transport=True)
+    images = [torch.rand(1, c, 16, 16) for c in (3, 3, 3, 1, 1)] + [torch.ones(1, 1, 16, 16)]
+    visibility, indirect = torch.rand(1, 1, 16, 16), torch.randn(1, 3, 16, 16)
+    shadow, out = net(*images, visibility, indirect)
+    assert torch.equal(shadow, visibility) and torch.equal(out, indirect)
+    with torch.no_grad():
+        for parameter in net.head.parameters():
+            parameter.normal_(0, 100)
+    shadow, out = net(*images, visibility, indirect)
+    assert 0 <= shadow.min() and shadow.max() <= 1 and not torch.equal(shadow, visibility)
+    ratio = out / indirect
+    assert ratio.min() >= math.exp(-1.5) - 1e-4 and ratio.max() <= math.exp(1.5) + 1e-4
+
+
+def test_the_shadow_net_checks_its_transport_inputs():
+    images = [torch.rand(1, c, 16, 16) for c in (3, 3, 3, 1, 1, 1)]
+    physical = (torch.ones(1, 1, 16, 16), torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="needs the transport inputs"):
+        ShadowNet(transport=True)(*images)
+    with pytest.raises(ValueError, match="takes no transport inputs"):
+        ShadowNet()(*images, *physical)
+    from backend.models import CheckpointError
+
+    with pytest.raises(CheckpointError, match="older visibility-only input"):
+        build_shadow({"arch": "unet", "base": 8, "depth": 2, "indirect": True, "visibility": True})
+
+
+def test_the_renderer_writes_the_terms_as_debug_layers(tmp_path):
+    hdri, _ = sun_hdri(26, 80, sky=0.5)
+    job = demo_scene_job(64, 48, hdri=hdri, options=Options(model="default", rays=16, sampling="stratified"))
+    result = Renderer("cpu").render(job)
+    assert set(result.transport) == {"visibility", "bounce", "reflection"}
+    assert result.transport["visibility"].shape == (48, 64) and result.transport["bounce"].shape == (48, 64, 3)
+    assert result.transport["visibility"].min() < 0.5 and result.transport["bounce"].max() > 0
+    write_result(tmp_path / "r.exr", result)
+    back = read_result(tmp_path / "r.exr")
+    for name, array in result.transport.items():
+        np.testing.assert_allclose(back.transport[name], array, rtol=1e-6)
+    no_shadows = Renderer("cpu").render(demo_scene_job(64, 48, hdri=constant_hdri(), options=Options(
+        model="default", rays=16, sampling="stratified", shadows=False)))
+    assert no_shadows.transport == {}
