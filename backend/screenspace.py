@@ -56,7 +56,8 @@ TOLERANCE = 0.003  # ... and further behind than this, x the step's depth (depth
 OFFSET = 0.005  # rays start this far off the surface along its normal, x the pixel's depth
 MARCH_BUDGET = 1 << 16  # foreground pixels that march; above it, one per block
 CHUNK_RAYS = 8192  # rays marched at a time (small chunks stay in cache: 2-3x faster than 32k)
-FILTER_RADIUS = 2  # the edge-aware filter's half width, pixels
+FILTER_LEVELS = 2  # a-trous passes of the edge-aware filter (half width 3 pixels): the visibility's
+INDIRECT_FILTER_LEVELS = 3  # ... the bounce's and reflections' (half width 7: fewer rays, smoother light)
 Environment = Callable[[torch.Tensor], torch.Tensor]  # world directions (..., 3) -> the HDRI's radiance (..., 3)
 
 
@@ -162,7 +163,7 @@ class ScreenSpace:
             hits[lo:hi] = torch.where(blocked.any(-1) & (above > 0), hit, -1)
         return hits
 
-    def _image(self, values: torch.Tensor) -> torch.Tensor:
+    def to_image(self, values: torch.Tensor) -> torch.Tensor:
         """Foreground values (P, C) as a (1, C, H, W) image, 0 on the background."""
         out = values.new_zeros(self.height * self.width, values.shape[-1])
         out[self.pixels] = values
@@ -175,7 +176,7 @@ class ScreenSpace:
         light = (self.normals @ directions.T).clamp(min=0) * weights  # (P, K)
         total = light.sum(-1)
         share = torch.where(total > 0, (light * free[self.follows]).sum(-1) / total.clamp(min=1e-12), 1.0)
-        out = self._image(share[:, None]) + (1 - self.mask)
+        out = self.to_image(share[:, None]) + (1 - self.mask)
         return self.smooth(out).clamp(0, 1)
 
     def _trace(self, directions: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,61 +217,63 @@ class ScreenSpace:
         return (radiance[0].flatten(1).T[index] * weight).sum(1)
 
     def bounce(self, radiance: torch.Tensor) -> torch.Tensor:
-        """One-bounce diffuse light (1, 3, H, W) from the direct-lit image `radiance` (1, 3, H, W):
-        albedo (1 - F(n.o)) x the mean radiance that cosine rays find on screen. (The HDRI light that those
-        surfaces block is what the visibility takes away.)"""
+        """One-bounce diffuse light per foreground pixel (P, 3) from the direct-lit image `radiance` (1, 3, H, W):
+        albedo (1 - the specular's albedo) x the mean radiance that cosine rays find on screen. (The HDRI
+        light that those surfaces block is what the visibility takes away.)"""
         _, index, weight = self._paths_of("bounce")
         materials = self.materials
         g = brdf.geometry(self.normals, materials.wo, self.normals[:, None])
         diffuse = materials.albedo * brdf.diffuse_weight(materials.specular, g, materials.roughness)[:, 0]
-        return self.smooth(self._image(diffuse * self._gather(index, weight, radiance)[self.follows]))
+        return diffuse * self._gather(index, weight, radiance)[self.follows]
 
     def reflection(self, radiance: torch.Tensor, environment: Environment, visibility: torch.Tensor) -> torch.Tensor:
-        """What glossy pixels (roughness < GLOSSY) reflect of on-screen surfaces, (1, 3, H, W), in place of the
-        HDRI that the shading reflected along those rays (the shaded image holds it times the pixel's
-        visibility (1, 1, H, W)): sum_k f cos / pdf (L(hit_k) - V L_env(d_k)) / K. It is negative where a
-        dark object hides a bright sky in a glossy floor."""
+        """What glossy pixels (roughness < GLOSSY) reflect of on-screen surfaces, per foreground pixel (P, 3),
+        in place of the HDRI that the shading reflected along those rays (the shaded image holds it times
+        the pixel's visibility (1, 1, H, W)): sum_k f cos / pdf (L(hit_k) - V L_env(d_k)) / K. It is negative
+        where a dark object hides a bright sky in a glossy floor."""
         directions, index, weight = self._paths_of("reflection")
         seen_sky = (environment(directions) * weight).sum(1)[self.follows]
         shown = visibility.flatten()[self.pixels, None]
-        replaced = self._gather(index, weight, radiance)[self.follows] - shown * seen_sky
-        return self.smooth(self._image(replaced))
+        return self._gather(index, weight, radiance)[self.follows] - shown * seen_sky
 
     def transport(self, directions: torch.Tensor, weights: torch.Tensor, environment: Environment,
                   unshadowed: torch.Tensor, lights: torch.Tensor) -> Transport:
         """All three terms for HDRI light directions (K, 3) of weights (K,), the HDRI's radiance by direction,
         its unshadowed shading and the lamps' shadowed light (1, 3, H, W): the bounce and the reflections
-        carry the direct-lit image, unshadowed x visibility + lights."""
+        carry the direct-lit image, unshadowed x visibility + lights. Filtered together."""
         visibility = self.visibility(directions, weights)
         direct = unshadowed * visibility + lights
-        return Transport(visibility, self.bounce(direct), self.reflection(direct, environment, visibility))
+        both = torch.cat([self.bounce(direct), self.reflection(direct, environment, visibility)], -1)
+        both = self.smooth(self.to_image(both), INDIRECT_FILTER_LEVELS)
+        return Transport(visibility, both[:, :3], both[:, 3:])
 
-    def smooth(self, image: torch.Tensor) -> torch.Tensor:
-        """An edge-aware (joint bilateral) filter of image (1, C, H, W) over the foreground: neighbours count
-        by how close they lie to the pixel's tangent plane and how alike their normals are, so shadow edges
-        along geometry stay sharp."""
-        r = FILTER_RADIUS
-        normal = self.normal_map.T.reshape(1, 3, self.height, self.width)
-        position = self.position_map.T.reshape(1, 3, self.height, self.width)
-
-        def padded(x):
-            return F.pad(x, (r, r, r, r), mode="replicate")
-
-        image_p, position_p, normal_p, mask_p = padded(image), padded(position), padded(normal), padded(self.mask)
-        total = torch.zeros_like(image)
-        weight_sum = torch.zeros_like(self.depth)
+    def smooth(self, image: torch.Tensor, levels: int = FILTER_LEVELS) -> torch.Tensor:
+        """An edge-aware filter of image (1, C, H, W) over the foreground: `levels` a-trous passes of a 3 x 3
+        kernel with taps 1, 2, 4, ... pixels apart (half width 2^levels - 1). Neighbours count by how close
+        they lie to the pixel's tangent plane and how alike their normals are, so shadow edges along
+        geometry stay sharp and a receding floor is smoothed as much as a wall facing the camera."""
+        height, width = self.height, self.width
+        normal = self.normal_map.T.reshape(1, 3, height, width)
+        position = self.position_map.T.reshape(1, 3, height, width)
         tolerance = 0.02 * self.depth.clamp(min=1e-6)
-        for dy in range(2 * r + 1):
-            for dx in range(2 * r + 1):
-                window = (..., slice(dy, dy + self.height), slice(dx, dx + self.width))
-                # how far the neighbour lies off the pixel's tangent plane, relative to the pixel's depth:
-                # a receding floor keeps its neighbours, a step in depth does not
-                off_plane = ((position_p[window] - position) * normal).sum(1, keepdim=True)
-                close = torch.exp(-((off_plane / tolerance) ** 2))
-                aligned = (normal_p[window] * normal).sum(1, keepdim=True).clamp(min=0) ** 8
-                spatial = math.exp(-(dx - r) ** 2 / (r * r) - (dy - r) ** 2 / (r * r))
-                weight = close * aligned * mask_p[window] * spatial
-                total += weight * image_p[window]
-                weight_sum += weight
-        filtered = total / weight_sum.clamp(min=1e-8)
-        return torch.where(self.mask > 0, filtered, image)
+        for level in range(levels):
+            step = 2**level
+
+            def padded(x, step=step):
+                return F.pad(x, (step, step, step, step), mode="replicate")
+
+            image_p, position_p, normal_p, mask_p = padded(image), padded(position), padded(normal), padded(self.mask)
+            total = torch.zeros_like(image)
+            weight_sum = torch.zeros_like(self.depth)
+            for dy in (0, step, 2 * step):
+                for dx in (0, step, 2 * step):
+                    window = (..., slice(dy, dy + height), slice(dx, dx + width))
+                    off_plane = ((position_p[window] - position) * normal).sum(1, keepdim=True)
+                    close = torch.exp(-((off_plane / tolerance) ** 2))
+                    aligned = (normal_p[window] * normal).sum(1, keepdim=True).clamp(min=0) ** 8
+                    spatial = (1 if dy == step else 0.5) * (1 if dx == step else 0.5)  # the B1 spline's 1/2/1
+                    weight = close * aligned * mask_p[window] * spatial
+                    total += weight * image_p[window]
+                    weight_sum += weight
+            image = torch.where(self.mask > 0, total / weight_sum.clamp(min=1e-8), image)
+        return image
