@@ -8,12 +8,16 @@ crash or a timeout to that task (a multiprocessing pool cannot tell which task k
 Tasks with timed Cycles renders (test, relight) run first and alone, on every core. Blender's console
 output goes to ``OUT/logs/<task>.log``; the terminal gets a tqdm bar and a summary.
 
+Scenes come in families (``--families``, training/scenes.py): round-robin by scene index within a
+split, test over all selected families, train/val/lamps over those not in HELD_OUT_FAMILIES; each
+scene's scene.json records its family and splits.json lists them under "families".
+
 Generation is deterministic per ``--seed`` (scene i of the whole run has seed ``seed * 1000000 + i``,
-so adding train scenes changes no other scene) and resumable: a scene whose dataset.json lists every
-sample with its files is skipped, and export_dataset skips finished samples of the others. The work
-runs evaluation first (test, relight, anim, val), then train; splits.json is rewritten after every
-finished scene and lists finished scenes only, so a partial dataset loads. ``READY`` is written
-when every task succeeded.
+so adding train scenes changes no other scene; its family does not change its seed) and resumable
+(with the same families): a scene whose dataset.json lists every sample with its files is skipped,
+and export_dataset skips finished samples of the others. The work runs evaluation first (test,
+relight, anim, lamps, val), then train; splits.json is rewritten after every finished scene and lists
+finished scenes only, so a partial dataset loads. ``READY`` is written when every task succeeded.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+
+from .scenes import FAMILIES, HELD_OUT_FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLIT_ORDER = ("test", "relight", "anim", "lamps", "val", "train")
@@ -44,6 +50,9 @@ def add_parser(commands) -> None:
                      help="scenes of the 'lamps' split: lit by light objects and real-size suns, seeds of their own")
     gen.add_argument("--lamp-share", type=float, default=0.0,
                      help="share of train/val lightings replaced by lamp lightings (default 0, as gen-v1)")
+    gen.add_argument("--families", default="all",
+                     help="scene families, a comma list (default all: " + ",".join(FAMILIES) + "); held-out "
+                     "ones (" + ",".join(HELD_OUT_FAMILIES) + ") go to the test split only")
     add_render_arguments(gen)
     gen.set_defaults(handler=cmd_generate)
 
@@ -78,10 +87,37 @@ def render_settings(args) -> dict:
 
 # --- planning -------------------------------------------------------------------------------------
 
+def selected_families(text: str) -> list[str]:
+    """The families named by --families ("all", or a comma list), in FAMILIES order."""
+    names = {name.strip() for name in text.split(",") if name.strip()}
+    if "all" in names:
+        names = (names - {"all"}) | set(FAMILIES)
+    unknown = sorted(names - set(FAMILIES))
+    if unknown or not names:
+        raise ValueError(f"--families {text!r}: unknown {', '.join(unknown) or 'empty list'}; families are "
+                         f"{', '.join(FAMILIES)} (or all)")
+    return [family for family in FAMILIES if family in names]
+
+
+def families_entry(families: list[str]) -> dict:
+    """splits.json's "families": the run's families in order and those held out of train/val."""
+    return {"all": list(families), "held_out": [f for f in families if f in HELD_OUT_FAMILIES]}
+
+
 def plan(args) -> list[dict]:
-    """The tasks of a `generate` run, evaluation splits first."""
+    """The tasks of a `generate` run, evaluation splits first.
+
+    Families go round-robin by scene index within a split: test (and so relight and anim) over every
+    selected family, train, val and lamps over the selected ones that are not held out.
+    """
     from .scenes import HELD_OUT_HDRIS
 
+    families = selected_families(args.families)
+    training = [f for f in families if f not in HELD_OUT_FAMILIES]
+    if not training and (args.scenes or args.val or args.lamps):
+        raise ValueError(f"--families {args.families}: every family is held out (test only); train, val and lamps "
+                         f"need one of {', '.join(f for f in FAMILIES if f not in HELD_OUT_FAMILIES)} "
+                         "(or --scenes 0 --val 0 --lamps 0)")
     render = render_settings(args)
     counts = {"test": args.test, "val": args.val, "train": args.scenes, "lamps": args.lamps}
     ids = {}
@@ -90,9 +126,14 @@ def plan(args) -> list[dict]:
         ids[split] = range(start, start + counts[split])
         start += counts[split]
 
+    def family(split, scene_id):
+        pool = families if split in ("test", "relight", "anim") else training
+        return pool[(scene_id - ids["test" if split in ("relight", "anim") else split].start) % len(pool)]
+
     def task(split, scene_id, lighting, views, low):
         folder = f"{split}/scene_{scene_id:05d}"
         return {"kind": "scene", "folder": folder, "split": split, "scene_seed": args.seed * 1_000_000 + scene_id,
+                "family": family(split, scene_id),
                 "lighting": lighting, "views": views, "lightings": args.hdris, "anim_frames": args.anim_frames,
                 "lamp_share": args.lamp_share if split in ("train", "val") else 0.0,
                 "low_samples": render["low_samples"] if low else [], "render": render,
@@ -109,8 +150,11 @@ def plan(args) -> list[dict]:
     return tasks
 
 
-def scene_complete(folder: Path, samples: int, low_samples: list[int]) -> bool:
-    """True if ``folder``/dataset.json lists ``samples`` samples whose files all exist."""
+def scene_complete(folder: Path, samples: int, low_samples: list[int], family: str | None = None) -> bool:
+    """True if ``folder``/dataset.json lists ``samples`` samples whose files all exist (and, given
+    ``family``, scene.json describes a scene of that family)."""
+    if family is not None and scene_family(folder) != family:
+        return False
     try:
         entries = json.loads((folder / "dataset.json").read_text())["samples"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -128,8 +172,18 @@ def scene_complete(folder: Path, samples: int, low_samples: list[int]) -> bool:
     return True
 
 
-def write_splits(out: Path, folders: dict[str, list[str]]) -> None:
+def scene_family(folder: Path) -> str | None:
+    """The family in ``folder``/scene.json ("ground" when it has none: made before families), None without one."""
+    try:
+        return json.loads((folder / "scene.json").read_text()).get("family", "ground")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def write_splits(out: Path, folders: dict[str, list[str]], families: dict | None = None) -> None:
     data = {"format": "pbnds-splits", "version": 1, **{split: folders.get(split, []) for split in SPLIT_ORDER}}
+    if families is not None:
+        data["families"] = families
     tmp = out / "splits.json.part"
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, out / "splits.json")
@@ -192,20 +246,24 @@ def run_tasks(tasks: list[dict], out: Path, workers: int, timeout: float, desc: 
 def generate(args) -> dict:
     """Run (or resume) a generation; return the summary."""
     out = args.out.resolve()
-    out.mkdir(parents=True, exist_ok=True)
     tasks = plan(args)
+    families = selected_families(args.families)
+    _check_resume_families(out, families)
+    out.mkdir(parents=True, exist_ok=True)
     config = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()
               if key not in ("handler", "command")}
+    config["families"] = ",".join(families)
     (out / "generate.json").write_text(json.dumps(config, indent=1))
     print(json.dumps({"generate": config}), file=sys.stderr)
     (out / "READY").unlink(missing_ok=True)
-    done = {t["folder"] for t in tasks if scene_complete(out / t["folder"], t["samples"], t["low_samples"])}
+    done = {t["folder"] for t in tasks
+            if scene_complete(out / t["folder"], t["samples"], t["low_samples"], t["family"])}
     folders: dict[str, list[str]] = {}
 
     def record() -> None:
         for split in SPLIT_ORDER:
             folders[split] = [t["folder"] for t in tasks if t["split"] == split and t["folder"] in done]
-        write_splits(out, folders)
+        write_splits(out, folders, families_entry(families))
 
     record()
     summary = {"scenes": len(tasks), "skipped": len(done), "rendered_samples": 0, "failed": [], "seconds": 0.0}
@@ -227,6 +285,19 @@ def generate(args) -> dict:
     if not summary["failed"]:
         (out / "READY").write_text(json.dumps(summary) + "\n")
     return summary
+
+
+def _check_resume_families(out: Path, families: list[str]) -> None:
+    """Refuse to resume a dataset made with other families: its scenes would change family under their
+    finished samples. A generate.json without "families" (made before families existed) had "ground" only."""
+    try:
+        before = json.loads((out / "generate.json").read_text())
+    except (OSError, ValueError):
+        return
+    recorded = before.get("families", "ground") if isinstance(before, dict) else "ground"
+    if recorded != ",".join(families):
+        raise ValueError(f"{out} was generated with --families {recorded}; resume it with the same families "
+                         f"(this run has {','.join(families)}) or write a new dataset")
 
 
 def cmd_generate(args) -> int:
@@ -269,20 +340,21 @@ def lightings_for(task: dict, description: dict) -> tuple[list[dict], bool]:
     from .scenes import HELD_OUT_HDRIS, LAMP_SETUPS, lamp_lighting
 
     rng = random.Random(f"pbnds-{task['lighting']}:{task['scene_seed']}")
+    azimuth = description.get("light_azimuth")  # lamps on a room's or backdrop's open side
     if task["lighting"] == "lamps":  # every setup in turn, so that a small split still holds each of them
         first = task["scene_seed"] * task["lightings"]
-        return [lamp_lighting(rng, training_hdris(), LAMP_SETUPS[(first + k) % len(LAMP_SETUPS)])
+        return [lamp_lighting(rng, training_hdris(), LAMP_SETUPS[(first + k) % len(LAMP_SETUPS)], azimuth)
                 for k in range(task["lightings"])], False
     if task["lighting"] == "relight":
         return [{"type": "hdri", "hdri": name, "rotation_z": rng.uniform(0, 2 * math.pi), "exposure": 1.0}
                 for name in HELD_OUT_HDRIS], False
     if task["lighting"] == "anim":
-        hdri = next((w for w in description["lightings"] if w["type"] == "hdri"), None)
+        hdri = next((w for w in description.get("lightings", []) if w["type"] == "hdri"), None)
         hdri = hdri or {"type": "hdri", "hdri": rng.choice(training_hdris()), "rotation_z": 0.0, "exposure": 1.0}
         step = math.radians(ANIM_STEP_DEGREES)
         return [{**hdri, "rotation_z": hdri["rotation_z"] + k * step} for k in range(task["anim_frames"])], True
     share = task.get("lamp_share", 0.0)
-    return [lamp_lighting(rng, training_hdris()) if share and rng.random() < share else lighting
+    return [lamp_lighting(rng, training_hdris(), azimuth=azimuth) if share and rng.random() < share else lighting
             for lighting in description["lightings"]], False
 
 
@@ -295,17 +367,25 @@ def _render_scene(task: dict) -> dict:
 
     bpy.ops.wm.read_factory_settings(use_empty=True)
     render = task["render"]
-    description = scenes.describe(task["scene_seed"], training_hdris(), task["lightings"])
+    family = task.get("family", "ground")
+    folder = Path(task["out"]) / task["folder"]
+    recorded = scene_family(folder)
+    if recorded not in (None, family):
+        raise ValueError(f"{folder} holds a {recorded!r} scene, this task makes a {family!r} one: remove the folder")
+    description = scenes.describe(task["scene_seed"], training_hdris(), task["lightings"], family)
     lightings, sequence = lightings_for(task, description)
     scene, worlds = scenes.build({**description, "lightings": lightings}, hdri_folder(), render["threads"])
-    folder = Path(task["out"]) / task["folder"]
+    orbit = "camera" not in description  # rooms and backdrops place their own views on their open side
+    if not orbit:
+        scenes.add_views(scene, description, task["views"], task["scene_seed"])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "scene.json").write_text(json.dumps({**description, "lightings": lightings}, indent=1))
     before = _finished(folder)
     dataset.export_dataset(scene, folder, views=task["views"], hdris=worlds, width=render["size"],
                            height=render["size"], gt_samples=render["gt_samples"],
                            gbuffer_samples=render["gbuffer_samples"], seed=task["scene_seed"],
-                           hdri_width=render["hdri_width"], low_samples=task["low_samples"], sequence=sequence)
+                           hdri_width=render["hdri_width"], low_samples=task["low_samples"], sequence=sequence,
+                           orbit=orbit)
     return {"ok": True, "rendered": task["samples"] - before}
 
 
