@@ -48,6 +48,8 @@ def add_parser(commands) -> None:
                        "extrapolating (default 2048; --quick 512)")
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     bench.add_argument("--steps", action="store_true", help="measure each fast-path optimisation instead")
+    bench.add_argument("--relight", action="store_true", help="time relights of a cached G-buffer instead (default "
+                       "model, stratified rays, the HDRI rotated between runs), with the screen-space transport's part")
     bench.add_argument("--compile", action="store_true", help="also time torch.compile (and the Triton kernel, "
                        "under TRITON_INTERPRET on a CPU) on a CPU; on CUDA they are always timed")
     bench.add_argument("--output", type=Path, help="also write the Markdown report here")
@@ -310,6 +312,35 @@ def optimisation_steps(args: argparse.Namespace, repeat: int) -> str:
             f"16384 pixels x 64 {args.sampling} rays, CPU, median of {repeat}:\n\n" + "\n".join(lines) + "\n")
 
 
+def relight_report(args: argparse.Namespace, devices: list[str], sizes: list[tuple[int, int]],
+                   rays_list: list[int], repeat: int) -> str:
+    """Renderer.relight of the demo scene: the world changes, the G-buffer and its relight cache stay."""
+    from .jobformat import Options
+    from .renderer import Renderer
+    from .synthetic import demo_scene_job
+
+    lines = ["| device | size | rays | relight ms | screen-space transport ms | shadow net and compositing ms |",
+             "|---|---|---|---|---|---|"]
+    for device in devices:
+        renderer = Renderer(device)
+        for width, height in sizes:
+            job = demo_scene_job(width, height)
+            prepared = renderer.prepare(job)
+            for rays in rays_list:
+                cache = renderer.relight_cache(prepared, Options(model="default", rays=rays, sampling="stratified"))
+                renderer.relight(cache, job.hdri, 0.0)  # warm-up: marches the bounce and reflection paths once
+                runs = [renderer.relight(cache, job.hdri, 0.1 * (k + 1)) for k in range(repeat)]
+                timed = {key: statistics.median(r.meta["timings"][key] for r in runs)
+                         for key in ("transport_ms", "shadow_ms")}
+                total = statistics.median(sum(r.meta["timings"][k] for k in ("shade_ms", "shadow_ms")) for r in runs)
+                lines.append(f"| {device} | {width}x{height} | {rays} | {total:.0f} | {timed['transport_ms']:.0f} "
+                             f"| {timed['shadow_ms'] - timed['transport_ms']:.0f} |")
+                print(lines[-1], file=sys.stderr)
+    return (f"Relights (Renderer.relight: radiance lookup and contraction, screen-space transport, shadow net), "
+            f"demo scene, default model, stratified rays, median of {repeat} rotations after one warm-up:\n\n"
+            + "\n".join(lines) + "\n")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -322,12 +353,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     if "cuda" in devices and not torch.cuda.is_available():
         raise RuntimeError("--devices names cuda but PyTorch sees no CUDA device")
+    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in
+             (args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)).split(",")]
+    rays_list = [int(r) for r in (args.rays or (QUICK_RAYS if args.quick else DEFAULT_RAYS)).split(",")]
     if args.steps:
         text = f"Machine: {machine_line(devices)}.\n\n" + optimisation_steps(args, repeat)
+    elif args.relight:
+        text = f"Machine: {machine_line(devices)}.\n\n" + relight_report(args, devices, sizes, rays_list, repeat)
     else:
-        sizes = [tuple(int(v) for v in s.lower().split("x")) for s in
-                 (args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)).split(",")]
-        rays_list = [int(r) for r in (args.rays or (QUICK_RAYS if args.quick else DEFAULT_RAYS)).split(",")]
         precisions = [p.strip() for p in args.precisions.split(",")]
         paper_pixels = args.paper_pixels or (512 if args.quick else 2048)
         rows = bench_rows(args, devices, sizes, rays_list, precisions, repeat, paper_pixels)

@@ -392,7 +392,9 @@ class Renderer:
 
             physical = []
             if model.shadow.transport:
+                marched = time.perf_counter()
                 transport = prepared.transport(envmap, rotation, planar(unshadowed), planar(lights))
+                timings["transport_ms"] = (time.perf_counter() - marched) * 1e3
                 physical = [transport.visibility, transport.indirect]
                 layers = {name: getattr(transport, name)[0].permute(1, 2, 0).squeeze(-1).cpu().numpy()
                           for name in TRANSPORT_LAYERS}

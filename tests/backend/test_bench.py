@@ -27,6 +27,14 @@ def test_bench_writes_a_markdown_table(tmp_path, capsys):
     assert all(r.rstrip().endswith("x |") for r in rows)
 
 
+def test_relight_table_breaks_out_the_transport(capsys):
+    assert main(["bench", "--relight", "--sizes", "40x32", "--rays", "8", "--repeat", "2", "--devices", "cpu"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| cpu |")]
+    assert len(rows) == 1
+    total, transport, rest = (float(cell) for cell in rows[0].strip("| ").split(" | ")[3:])
+    assert 0 < transport < total and rest >= 0
+
+
 def test_optimisation_steps_table(monkeypatch, capsys):
     monkeypatch.setattr(bench, "optimisation_steps", lambda args, repeat: "| step | ms | vs plain |\n")
     assert main(["bench", "--steps", "--repeat", "1"]) == 0
