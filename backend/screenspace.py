@@ -48,6 +48,7 @@ LIGHTS = 32  # HDRI directions for the visibility
 BOUNCE_RAYS = 8  # cosine rays per pixel for the bounce light
 REFLECTION_RAYS = 4  # GGX rays per glossy pixel for the reflections
 GLOSSY = 0.5  # reflections are marched for roughness below this (rougher lobes reach the bounce's scale)
+GLOSSY_FADE = 0.2  # ... at full weight below GLOSSY - GLOSSY_FADE
 STEPS = 16  # march steps per ray
 REACH = 1.0  # march length, x median foreground depth
 THICKNESS = 0.25  # a surface blocks points up to this far behind it, x median foreground depth x n.wo
@@ -201,11 +202,12 @@ class ScreenSpace:
         alpha = brdf.ggx_alpha(roughness)
         directions = _ggx_directions(self._uniforms((len(m), REFLECTION_RAYS, 2), 2), normals, wo, alpha)
         index, seen = self._trace(directions, 2)
-        seen &= roughness < GLOSSY
+        # faded out over the last GLOSSY_FADE of roughness, so a roughness texture shows no edge
+        glossy = ((GLOSSY - roughness) / GLOSSY_FADE).clamp(0, 1)  # (M, 1)
         g = brdf.geometry(normals, wo, directions)
         pdf = _ggx_pdf(directions, normals, wo, alpha).clamp(min=1e-6)[..., None]
         weight = brdf.ggx_specular(materials.specular[m], roughness, g) / (pdf * REFLECTION_RAYS)
-        return directions, index, weight * seen[..., None]
+        return directions, index, weight * (seen * glossy)[..., None]
 
     def _paths_of(self, term: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if term not in self._paths:
