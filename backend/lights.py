@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import torch
 
-from .sampling import UNIFORM_SPHERE_PDF, RaySet, _to_world, _uniforms
+from .sampling import UNIFORM_SPHERE_PDF, RaySet, _uniforms, to_world
 from .shaders import PixelInputs, Shader
 
 DEFAULT_SAMPLES = 16  # per area light, soft sun and sphere light
@@ -135,7 +135,7 @@ def _cone(axis: torch.Tensor, one_minus_cos: torch.Tensor, u: torch.Tensor) -> t
     sin = torch.sqrt((1 - cos * cos).clamp(min=0))
     phi = 2 * math.pi * u[:, 1]
     local = torch.stack([sin * torch.cos(phi), sin * torch.sin(phi), cos], dim=-1)
-    return _to_world(local, axis), cos
+    return to_world(local, axis), cos
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -57,7 +57,7 @@ def tangent_frame(normal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return tangent, bitangent
 
 
-def _to_world(local: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+def to_world(local: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
     """Local (N or P, N, 3) vectors (z along the normal) into world space around normals (P, 3)."""
     tangent, bitangent = tangent_frame(normals)
     if local.dim() == 2:
@@ -66,25 +66,25 @@ def _to_world(local: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
             + local[..., 2:3] * normals[:, None])
 
 
-def _cosine_local(u: torch.Tensor) -> torch.Tensor:
+def cosine_local(u: torch.Tensor) -> torch.Tensor:
     r = torch.sqrt(u[..., 0])
     phi = 2 * math.pi * u[..., 1]
     return torch.stack([r * torch.cos(phi), r * torch.sin(phi), torch.sqrt((1 - u[..., 0]).clamp(min=0))], -1)
 
 
-def _ggx_directions(u: torch.Tensor, normals: torch.Tensor, wo: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+def ggx_directions(u: torch.Tensor, normals: torch.Tensor, wo: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """Light directions wo reflected about half vectors drawn from D(h) (n.h) of GGX (P, N, 3); u is (N, 2),
     shared by the pixels, or (P, N, 2)."""
     cos2 = (1 - u[..., 0]) / (1 + (alpha * alpha - 1) * u[..., 0])  # (P, N)
     sin = torch.sqrt((1 - cos2).clamp(min=0))
     phi = 2 * math.pi * u[..., 1]
-    h = _to_world(torch.stack([sin * torch.cos(phi), sin * torch.sin(phi), torch.sqrt(cos2)], -1), normals)
+    h = to_world(torch.stack([sin * torch.cos(phi), sin * torch.sin(phi), torch.sqrt(cos2)], -1), normals)
     o = wo[:, None]
     return 2 * (o * h).sum(-1, keepdim=True) * h - o
 
 
-def _ggx_pdf(wi: torch.Tensor, normals: torch.Tensor, wo: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    """Solid-angle density of _ggx_directions: D(h) (n.h) / (4 |o.h|)."""
+def ggx_pdf(wi: torch.Tensor, normals: torch.Tensor, wo: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Solid-angle density of ggx_directions: D(h) (n.h) / (4 |o.h|)."""
     g = brdf.geometry(normals, wo, wi)
     h_dot_o = g.h_dot_o.clamp(min=brdf.EPS)
     return (brdf.ggx_distribution(alpha, g.n_dot_h) * g.n_dot_h / (4 * h_dot_o))[..., 0]
@@ -103,12 +103,12 @@ def _mis(n: int, seed: int, envmap: EnvironmentMap | None, normals: torch.Tensor
     if n_light:
         light, _ = envmap.sample(_uniforms(n_light, 3, seed, True).to(envmap.device))
         parts.append(light.to(device)[None].expand(len(normals), -1, -1))
-    parts.append(_to_world(_cosine_local(_uniforms(n_cos, 2, seed + 1, True).to(device)), normals))
+    parts.append(to_world(cosine_local(_uniforms(n_cos, 2, seed + 1, True).to(device)), normals))
     if n_ggx:
-        parts.append(_ggx_directions(_uniforms(n_ggx, 2, seed + 2, True).to(device), normals, wo, alpha))
+        parts.append(ggx_directions(_uniforms(n_ggx, 2, seed + 2, True).to(device), normals, wo, alpha))
     directions = torch.cat(parts, dim=1)
     cosine_pdf = (normals[:, None] * directions).sum(-1).clamp(min=0) / math.pi
-    pdf = n_cos * cosine_pdf + n_ggx * _ggx_pdf(directions, normals, wo, alpha)
+    pdf = n_cos * cosine_pdf + n_ggx * ggx_pdf(directions, normals, wo, alpha)
     if n_light:
         pdf = pdf + n_light * envmap.pdf(directions.to(envmap.device)).to(device)
     return RaySet(directions, (pdf / n).clamp(min=1e-8))
@@ -133,8 +133,8 @@ def make_rays(kind: str, n: int, seed: int, *, envmap: EnvironmentMap | None = N
     if kind in PER_PIXEL and normals is None:
         raise ValueError(f"{kind} sampling needs the per-pixel normals")
     if kind == "cosine":
-        local = _cosine_local(_uniforms(n, 2, seed, True).to(device))
-        return RaySet(_to_world(local, normals), (local[:, 2] / math.pi).clamp(min=1e-8)[None].expand(len(normals), n))
+        local = cosine_local(_uniforms(n, 2, seed, True).to(device))
+        return RaySet(to_world(local, normals), (local[:, 2] / math.pi).clamp(min=1e-8)[None].expand(len(normals), n))
     if kind == "mis":
         if wo is None or roughness is None:
             raise ValueError("mis sampling needs the per-pixel view directions and roughness")

@@ -8,7 +8,7 @@ shows of the scene corrects that physically, before any network (the shadow net 
   (w_k = luminance / pdf, shared by every pixel); 1 where nothing blocks. For the diffuse layer this is
   exactly the visible fraction of the light; the shaded image is unshadowed x visibility.
 - bounce (1, 3, H, W): light that on-screen surfaces send into the pixel's diffuse layer,
-  albedo (1 - F) mean_k L(hit_k) over cosine-distributed rays, where L is the direct-lit image at the
+  albedo (1 - the specular layer's albedo) mean_k L(hit_k) over cosine-distributed rays, where L is the direct-lit image at the
   pixel a ray hits (a ray that escapes sees the HDRI, which the shading already holds).
 - reflection (1, 3, H, W): the same through the GGX lobe of glossy pixels, mean_k (f cos / pdf)_k
   (L(hit_k) - V L_env(d_k)): objects seen in a glossy floor, in place of the sky the shading put there
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from . import brdf
 from .envmap import EnvironmentMap, luminance
 from .jobformat import Camera
-from .sampling import _cosine_local, _ggx_directions, _ggx_pdf, _to_world, make_rays
+from .sampling import cosine_local, ggx_directions, ggx_pdf, make_rays, to_world
 from .shaders import PixelInputs
 
 LIGHTS = 32  # HDRI directions for the visibility
@@ -189,8 +189,8 @@ class ScreenSpace:
 
     def _bounce_paths(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Cosine rays: (directions, hit pixel (M, K), weight (M, K, 1)), the weight 1 / K where a surface is seen."""
-        local = _cosine_local(self._uniforms((len(self.starts), BOUNCE_RAYS, 2), 1))
-        directions = _to_world(local, self.normals[self.marchers])
+        local = cosine_local(self._uniforms((len(self.starts), BOUNCE_RAYS, 2), 1))
+        directions = to_world(local, self.normals[self.marchers])
         index, seen = self._trace(directions, 1)
         return directions, index, (seen / BOUNCE_RAYS)[..., None]
 
@@ -200,12 +200,12 @@ class ScreenSpace:
         m, materials = self.marchers, self.materials
         normals, wo, roughness = self.normals[m], materials.wo[m], materials.roughness[m]
         alpha = brdf.ggx_alpha(roughness)
-        directions = _ggx_directions(self._uniforms((len(m), REFLECTION_RAYS, 2), 2), normals, wo, alpha)
+        directions = ggx_directions(self._uniforms((len(m), REFLECTION_RAYS, 2), 2), normals, wo, alpha)
         index, seen = self._trace(directions, 2)
         # faded out over the last GLOSSY_FADE of roughness, so a roughness texture shows no edge
         glossy = ((GLOSSY - roughness) / GLOSSY_FADE).clamp(0, 1)  # (M, 1)
         g = brdf.geometry(normals, wo, directions)
-        pdf = _ggx_pdf(directions, normals, wo, alpha).clamp(min=1e-6)[..., None]
+        pdf = ggx_pdf(directions, normals, wo, alpha).clamp(min=1e-6)[..., None]
         weight = brdf.ggx_specular(materials.specular[m], roughness, g) / (pdf * REFLECTION_RAYS)
         return directions, index, weight * (seen * glossy)[..., None]
 
