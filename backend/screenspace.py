@@ -8,8 +8,8 @@ shows of the scene corrects that physically, before any network (the shadow net 
   (w_k = luminance / pdf, shared by every pixel); 1 where nothing blocks. For the diffuse layer this is
   exactly the visible fraction of the light; the shaded image is unshadowed x visibility.
 - bounce (1, 3, H, W): light that on-screen surfaces send into the pixel's diffuse layer,
-  albedo (1 - the specular layer's albedo) mean_k L(hit_k) over cosine-distributed rays, where L is the direct-lit image at the
-  pixel a ray hits (a ray that escapes sees the HDRI, which the shading already holds).
+  albedo (1 - the specular layer's albedo) mean_k L(hit_k) over cosine-distributed rays, where L is the
+  direct-lit image at the pixel a ray hits (a ray that escapes sees the HDRI, which the shading holds).
 - reflection (1, 3, H, W): the same through the GGX lobe of glossy pixels, mean_k (f cos / pdf)_k
   (L(hit_k) - V L_env(d_k)): objects seen in a glossy floor, in place of the sky the shading put there
   (which the visibility V already dimmed; negative where a dark object hides a bright sky); rays that
