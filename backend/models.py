@@ -138,8 +138,9 @@ def load_model(spec: str) -> ShadingModel:
 
 def available_models() -> list[dict]:
     trained = DEFAULT_CHECKPOINT.is_file()
-    return [{"name": "default", "kind": "neural", "description": "linear-in-Li neural shader + shadow UNet"
-             + ("" if trained else " (untrained: equals GGX without shadows)")},
+    return [{"name": "default", "kind": "neural", "description": "linear-in-Li neural shader + a net refining the "
+             "screen-space shadows, bounce light and reflections"
+             + ("" if trained else " (no checkpoint: equals GGX without shadows)")},
             {"name": "pbnds-paper", "kind": "neural", "description": "paper-faithful architecture (untrained)"},
             *({"name": name, "kind": "classical", "description": f"{name} by Monte Carlo over the HDRI"}
               for name in CLASSICAL)]
