@@ -31,6 +31,7 @@ marches and its block shares what its rays hit (each pixel keeps its own cosine 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -223,10 +224,14 @@ class ScreenSpace:
         albedo (1 - the specular's albedo) x the mean radiance that cosine rays find on screen. (The HDRI
         light that those surfaces block is what the visibility takes away.)"""
         _, index, weight = self._paths_of("bounce")
+        return self._diffuse_colour * self._gather(index, weight, radiance)[self.follows]
+
+    @functools.cached_property
+    def _diffuse_colour(self) -> torch.Tensor:
+        """albedo (1 - the specular layer's albedo) per foreground pixel (P, 3): it does not change on a relight."""
         materials = self.materials
-        g = brdf.geometry(self.normals, materials.wo, self.normals[:, None])
-        diffuse = materials.albedo * brdf.diffuse_weight(materials.specular, g, materials.roughness)[:, 0]
-        return diffuse * self._gather(index, weight, radiance)[self.follows]
+        n_dot_o = (self.normals * materials.wo).sum(-1, keepdim=True).clamp(min=brdf.EPS)
+        return materials.albedo * brdf.diffuse_weight_at(materials.specular, n_dot_o, materials.roughness)
 
     def reflection(self, radiance: torch.Tensor, environment: Environment, visibility: torch.Tensor) -> torch.Tensor:
         """What glossy pixels (roughness < GLOSSY) reflect of on-screen surfaces, per foreground pixel (P, 3),

@@ -87,7 +87,7 @@ class ShadowNet(nn.Module):
         fg_depth = torch.where(mask > 0, depth, torch.full_like(depth, float("nan")))
         median = torch.nanmedian(fg_depth.flatten(1), dim=1).values.nan_to_num(1.0).clamp(min=1e-6).view(-1, 1, 1, 1)
         rel_depth = torch.where(mask > 0, torch.log(depth.clamp(min=1e-6) / median), torch.zeros_like(depth))
-        extra = [] if not self.transport else [visibility, torch.asinh(indirect / exposure)]  # indirect may be < 0
+        extra = [visibility, torch.asinh(indirect / exposure)] if self.transport else []  # indirect may be < 0
         x = torch.cat([torch.log1p(unshadowed / exposure), albedo, normal, ao, rel_depth, mask, *extra], dim=1)
 
         height, width = x.shape[-2:]
