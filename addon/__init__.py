@@ -30,12 +30,18 @@ classes = (PBNDSRenderEngine,)
 def register():
     for module in modules:
         module.register()
+    from . import hdri_browser  # HDRI browser: operators, keymap, thumbnails
+
+    hdri_browser.register()
     for cls in classes:
         bpy.utils.register_class(cls)
 
 
 def unregister():
     service_process.stop_started()
+    from . import hdri_browser
+
+    hdri_browser.unregister()
     for cls in reversed(classes):
         bpy.utils.unregister_class(cls)
     for module in reversed(modules):

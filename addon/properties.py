@@ -3,6 +3,8 @@
 import bpy
 from bpy.props import BoolProperty, EnumProperty, IntProperty, PointerProperty, StringProperty
 
+from . import hdri_browser
+
 MODELS = [
     ("default", "Default", "The project's default neural shader"),
     ("pbnds-paper", "PBNDS (paper)", "The architecture of the PBNDS paper, for comparison"),
@@ -40,6 +42,13 @@ class PBNDSSceneSettings(bpy.types.PropertyGroup):
     service_url: StringProperty(name="Service URL",
                                 description="Override the service address for this scene (empty: "
                                             "preferences, then the discovery file)")
+    hdri_folder: StringProperty(name="HDRI Folder", subtype="DIR_PATH",
+                                description="Folder of .hdr and .exr files shown by the HDRI browser")
+    hdri_file: StringProperty(name="Current HDRI",
+                              description="File name (in the HDRI folder) of the HDRI the browser chose last")
+    hdri_preview: EnumProperty(name="HDRI", items=hdri_browser.preview_items, get=hdri_browser.get_preview,
+                               set=hdri_browser.set_preview,
+                               description="Light the world with this HDRI of the folder")
 
     def job_options(self):
         """The `options` object of job.json (docs/job-format.md)."""

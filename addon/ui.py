@@ -2,7 +2,7 @@
 
 import bpy
 
-from . import operators
+from . import hdri_browser, operators
 
 ENGINE = "PBNDS"
 
@@ -40,6 +40,32 @@ class RENDER_PT_pbnds_shading(PBNDSRenderPanel, bpy.types.Panel):
 
     def draw(self, context):
         draw_shading(self.layout, context.scene.pbnds)
+
+
+class RENDER_PT_pbnds_hdri(PBNDSRenderPanel, bpy.types.Panel):
+    """A folder of HDRIs as thumbnails: choosing one relights the world (addon/hdri_browser.py)."""
+
+    bl_label = "HDRI Browser"
+    bl_parent_id = "RENDER_PT_pbnds_shading"
+
+    def draw(self, context):
+        draw_hdri_browser(self.layout, context.scene.pbnds)
+
+
+def draw_hdri_browser(layout, settings):
+    layout.prop(settings, "hdri_folder", text="")
+    message = hdri_browser.folder_message(settings)
+    if message:
+        layout.label(text=message, icon="INFO")
+        return
+    layout.template_icon_view(settings, "hdri_preview", show_labels=True, scale=5.0, scale_popup=5.0)
+    names = hdri_browser.list_hdris(hdri_browser.folder_path(settings))
+    index = hdri_browser.current_index(settings, names)
+    row = layout.row(align=True)
+    row.operator("pbnds.hdri_previous", text="", icon="TRIA_LEFT")
+    row.label(text=f"{index + 1}/{len(names)}  {names[index]}" if index >= 0 else "(none chosen)")
+    row.operator("pbnds.hdri_next", text="", icon="TRIA_RIGHT")
+    layout.label(text="Ctrl+Shift+Left / Right: previous / next")
 
 
 class RENDER_PT_pbnds_gbuffer(PBNDSRenderPanel, bpy.types.Panel):
@@ -95,7 +121,8 @@ def compat_panels():
         yield panel
 
 
-classes = (RENDER_PT_pbnds_service, RENDER_PT_pbnds_shading, RENDER_PT_pbnds_gbuffer, RENDER_PT_pbnds_cycles)
+classes = (RENDER_PT_pbnds_service, RENDER_PT_pbnds_shading, RENDER_PT_pbnds_hdri, RENDER_PT_pbnds_gbuffer,
+           RENDER_PT_pbnds_cycles)
 
 
 def register():
