@@ -17,6 +17,15 @@ median and the min-max spread of --repeat runs are reported. Peak memory is the 
 peak resident set (CPU, /proc/self/status VmHWM after a reset) or torch's peak allocation (CUDA).
 
 `--steps` instead measures what each optimisation of the fast path bought, one switched on at a time.
+
+Threads: `--threads N` sets torch's CPU threads; `--quick` defaults to 1 (on a shared or small machine two
+OpenMP threads can be slower than one, and one thread makes runs comparable), the full run to torch's own
+choice. Every report's header states the thread count, where it came from, and the full command line that
+reproduces the run at these settings, whatever the defaults become.
+
+`--quick` (256x256, 64 rays, fp32, 3 runs, 512 paper pixels, 1 thread) keeps the table's point, the
+reference paths beside the fast path, and takes well under 2 minutes on a 2-core CPU; add `--sizes`,
+`--precisions fp32,bf16` and so on for more.
 """
 
 from __future__ import annotations
@@ -32,21 +41,31 @@ from pathlib import Path
 
 DEFAULT_SIZES = "256x256,512x512,1920x1080"
 DEFAULT_RAYS = "32,64,128"
-QUICK_SIZES, QUICK_RAYS = "256x256,512x512", "64"
+# (full run, --quick) for every setting a user can leave out; threads None: torch's own choice
+DEFAULTS = {"sizes": (DEFAULT_SIZES, "256x256"), "rays": (DEFAULT_RAYS, "64"), "precisions": ("fp32,bf16", "fp32"),
+            "repeat": (5, 3), "paper_pixels": (2048, 512), "threads": (None, 1)}
+QUICK_SIZES, QUICK_RAYS = DEFAULTS["sizes"][1], DEFAULTS["rays"][1]
 
 
 def add_parser(commands) -> None:
     bench = commands.add_parser("bench", help="time the shading models on this machine (Markdown table)")
-    bench.add_argument("--sizes", help=f"WIDTHxHEIGHT,... (default {DEFAULT_SIZES}; --quick: {QUICK_SIZES})")
-    bench.add_argument("--rays", help=f"ray counts, comma-separated (default {DEFAULT_RAYS}; --quick: {QUICK_RAYS})")
-    bench.add_argument("--quick", action="store_true", help="fewer sizes, rays and repetitions, fewer paper pixels")
-    bench.add_argument("--repeat", type=int, help="timed runs per case after one warm-up (default 5; --quick 3)")
+    def default(key: str) -> str:
+        full, quick = DEFAULTS[key]
+        full = "torch's choice" if full is None else full
+        return f"default {full}; --quick: {quick}"
+
+    bench.add_argument("--sizes", help=f"WIDTHxHEIGHT,... ({default('sizes')})")
+    bench.add_argument("--rays", help=f"ray counts, comma-separated ({default('rays')})")
+    bench.add_argument("--quick", action="store_true", help="one size, one ray count, fp32, 3 runs, 512 paper "
+                       "pixels, 1 thread: the reference and fast paths side by side in well under 2 minutes on a "
+                       "2-core CPU")
+    bench.add_argument("--repeat", type=int, help=f"timed runs per case after one warm-up ({default('repeat')})")
     bench.add_argument("--devices", default="auto", help="auto (cpu, and cuda when present) or a comma list")
-    bench.add_argument("--precisions", default="fp32,bf16", help="fp32, bf16 or both (default both)")
+    bench.add_argument("--precisions", help=f"fp32, bf16 or both ({default('precisions')})")
     bench.add_argument("--sampling", default="importance", help="ray set (default importance)")
     bench.add_argument("--paper-pixels", type=int, help="foreground pixels the slow plain paths shade before "
-                       "extrapolating (default 2048; --quick 512)")
-    bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+                       f"extrapolating ({default('paper_pixels')})")
+    bench.add_argument("--threads", type=int, help=f"torch CPU threads ({default('threads')}); stated in the report")
     bench.add_argument("--steps", action="store_true", help="measure each fast-path optimisation instead")
     bench.add_argument("--relight", action="store_true", help="time relights of a cached G-buffer instead (default "
                        "model, stratified rays, the HDRI rotated between runs), with the screen-space transport's part")
@@ -227,14 +246,15 @@ def _shade(renderer, prepared, hdri, options, autocast: bool):
         return renderer.shade(prepared, hdri, options)
 
 
-def report(rows: list[dict], machine: str, args: argparse.Namespace) -> str:
+def report(rows: list[dict], head: str, args: argparse.Namespace, repeat: int) -> str:
     reference = {(r["device"], r["size"], r["rays"]): r["median_ms"] for r in rows
                  if r["variant"].startswith("pbnds-paper") and r["precision"] == "fp32"}
     lines = ["# `pbnds bench`", "",
-             f"Machine: {machine}.", "",
+             head.rstrip("\n"), "",
              f"Synthetic demo scene, {args.sampling} rays, time of Renderer.shade on a prepared G-buffer "
-             "(shader + shadow net where listed; the G-buffer upload and decode are not included). "
-             "Median of the timed runs after one warm-up, spread = min-max. Rows marked *N shaded only the "
+             "(shader + shadow net where listed, the shadow net's part including the screen-space transport; "
+             "the G-buffer upload and decode are not included). "
+             f"Median of {repeat} timed runs after one warm-up, spread = min-max. Rows marked *N shaded only the "
              "first N foreground pixels and were extrapolated to the whole frame: the shader loop's time x "
              "pixels / N, the rest (rays, shadow net on the whole image) as measured. "
              "Speed-up: against pbnds-paper fp32 on the same device, "
@@ -341,30 +361,74 @@ def relight_report(args: argparse.Namespace, devices: list[str], sizes: list[tup
             + "\n".join(lines) + "\n")
 
 
+def resolve(args: argparse.Namespace) -> dict:
+    """The run's settings: what was given, else the --quick or full default (threads: None = torch's choice)."""
+    column = 1 if args.quick else 0
+    settings = {key: getattr(args, key) if getattr(args, key) is not None else values[column]
+                for key, values in DEFAULTS.items()}
+    if args.threads is not None:
+        settings["threads_source"] = "--threads"
+    elif settings["threads"] is not None:
+        settings["threads_source"] = "the --quick default"
+    else:
+        settings["threads_source"] = "not set: torch's default"
+    return settings
+
+
+def command_line(args: argparse.Namespace, settings: dict, threads: int) -> str:
+    """The `pbnds bench` command that repeats this run with every setting spelled out."""
+    parts = ["pbnds bench"]
+    if args.steps:
+        parts.append("--steps" + (" --compile" if args.compile else ""))
+    elif args.relight:
+        parts += ["--relight", f"--sizes {settings['sizes']}", f"--rays {settings['rays']}"]
+    else:
+        parts += [f"--sizes {settings['sizes']}", f"--rays {settings['rays']}",
+                  f"--precisions {settings['precisions']}", f"--paper-pixels {settings['paper_pixels']}"]
+        if args.compile:
+            parts.append("--compile")
+    if not args.relight:
+        parts.append(f"--sampling {args.sampling}")
+    parts += [f"--repeat {settings['repeat']}", f"--threads {threads}"]
+    if args.devices != "auto":
+        parts.append(f"--devices {args.devices}")
+    return " ".join(parts)
+
+
+def header(args: argparse.Namespace, settings: dict, devices: list[str]) -> str:
+    import torch
+
+    threads = torch.get_num_threads()
+    return (f"Machine: {machine_line(devices)}.\n\n"
+            f"Threads: {threads} torch CPU thread{'s' if threads != 1 else ''} ({settings['threads_source']}).\n\n"
+            f"Command: `{command_line(args, settings, threads)}`"
+            + (" (--quick filled in the settings not given)" if args.quick else "") + ".\n\n")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    repeat = args.repeat or (3 if args.quick else 5)
+    settings = resolve(args)
+    if settings["threads"]:
+        torch.set_num_threads(settings["threads"])
+    repeat = settings["repeat"]
     if args.devices == "auto":
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     else:
         devices = [d.strip() for d in args.devices.split(",") if d.strip()]
     if "cuda" in devices and not torch.cuda.is_available():
         raise RuntimeError("--devices names cuda but PyTorch sees no CUDA device")
-    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in
-             (args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES)).split(",")]
-    rays_list = [int(r) for r in (args.rays or (QUICK_RAYS if args.quick else DEFAULT_RAYS)).split(",")]
+    sizes = [tuple(int(v) for v in s.lower().split("x")) for s in settings["sizes"].split(",")]
+    rays_list = [int(r) for r in settings["rays"].split(",")]
+    head = header(args, settings, devices)
     if args.steps:
-        text = f"Machine: {machine_line(devices)}.\n\n" + optimisation_steps(args, repeat)
+        text = head + optimisation_steps(args, repeat)
     elif args.relight:
-        text = f"Machine: {machine_line(devices)}.\n\n" + relight_report(args, devices, sizes, rays_list, repeat)
+        text = head + relight_report(args, devices, sizes, rays_list, repeat)
     else:
-        precisions = [p.strip() for p in args.precisions.split(",")]
-        paper_pixels = args.paper_pixels or (512 if args.quick else 2048)
-        rows = bench_rows(args, devices, sizes, rays_list, precisions, repeat, paper_pixels)
-        text = report(rows, machine_line(devices), args)
+        precisions = [p.strip() for p in settings["precisions"].split(",")]
+        rows = bench_rows(args, devices, sizes, rays_list, precisions, repeat, settings["paper_pixels"])
+        text = report(rows, head, args, repeat)
     print(text)
     if args.output:
         args.output.write_text(text)
