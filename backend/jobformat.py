@@ -61,6 +61,7 @@ class Options:
     sampling: str = "mis"
     seed: int = 0
     shadows: bool = True
+    preview: bool = False  # interactive previews: a coarser screen-space transport (backend/screenspace.py)
 
     @classmethod
     def from_dict(cls, values: dict | None, defaults: Options | None = None) -> Options:
@@ -84,6 +85,8 @@ class Options:
             raise JobError(f"option 'seed' must be an integer in 0..2^63-1, got {self.seed!r}")
         if not isinstance(self.shadows, bool):
             raise JobError(f"option 'shadows' must be true or false, got {self.shadows!r}")
+        if not isinstance(self.preview, bool):
+            raise JobError(f"option 'preview' must be true or false, got {self.preview!r}")
 
 
 @dataclass

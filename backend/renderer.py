@@ -33,7 +33,7 @@ from .jobformat import TRANSPORT_LAYERS, Camera, GBuffer, Job, Options, Result
 from .lights import DEFAULT_SAMPLES, Light, shade_lights
 from .models import ShadingModel, load_model
 from .sampling import PER_PIXEL, make_rays
-from .screenspace import ScreenSpace, Transport, light_directions
+from .screenspace import LIGHTS, MARCH_BUDGET, PREVIEW_BUDGET, PREVIEW_LIGHTS, ScreenSpace, Transport, light_directions
 from .shaders import PixelInputs
 from .shadow import composite
 from .shadowmaps import ShadowMap, light_size
@@ -104,22 +104,31 @@ class PreparedGBuffer:
 
     @functools.cached_property
     def screen_space(self) -> ScreenSpace:
+        return self._screen_space(MARCH_BUDGET)
+
+    @functools.cached_property
+    def preview_screen_space(self) -> ScreenSpace:
+        return self._screen_space(PREVIEW_BUDGET)
+
+    def _screen_space(self, budget: int) -> ScreenSpace:
         images = self.images
         return ScreenSpace(images["position"], images["normal"], images["depth"], images["mask"], self.pixels,
-                           self.camera)
+                           self.camera, budget=budget)
 
     def transport(self, envmap: EnvironmentMap, rotation: float, unshadowed: torch.Tensor,
-                  lights: torch.Tensor) -> Transport:
+                  lights: torch.Tensor, preview: bool = False) -> Transport:
         """The screen-space light transport (backend/screenspace.py) under the HDRI rotated by `rotation` about
-        +Z, from its unshadowed shading and the lamps' shadowed light, (1, 3, H, W) each."""
-        directions, weights = light_directions(envmap)
+        +Z, from its unshadowed shading and the lamps' shadowed light, (1, 3, H, W) each; coarser and much
+        cheaper for a `preview`."""
+        directions, weights = light_directions(envmap, PREVIEW_LIGHTS if preview else LIGHTS)
         if rotation:
             directions = rotate_z(directions, rotation)
 
         def environment(world: torch.Tensor) -> torch.Tensor:
             return envmap.lookup(rotate_z(world, -rotation) if rotation else world)
 
-        return self.screen_space.transport(directions, weights, environment, unshadowed, lights)
+        screen_space = self.preview_screen_space if preview else self.screen_space
+        return screen_space.transport(directions, weights, environment, unshadowed, lights)
 
 
 def chunk_pixels(model: ShadingModel, rays: int, device: torch.device) -> int:
@@ -393,7 +402,7 @@ class Renderer:
             physical = []
             if model.shadow.transport:
                 marched = time.perf_counter()
-                transport = prepared.transport(envmap, rotation, planar(unshadowed), planar(lights))
+                transport = prepared.transport(envmap, rotation, planar(unshadowed), planar(lights), options.preview)
                 timings["transport_ms"] = (time.perf_counter() - marched) * 1e3
                 physical = [transport.visibility, transport.indirect]
                 layers = {name: getattr(transport, name)[0].permute(1, 2, 0).squeeze(-1).cpu().numpy()

@@ -27,6 +27,7 @@ occluders, the backs of objects) cannot block or bounce: the network corrects wh
 
 Cost: pixels x rays x steps depth lookups. Above MARCH_BUDGET foreground pixels, one pixel per block
 marches and its block shares what its rays hit (each pixel keeps its own cosine weights and radiance).
+An interactive preview marches fewer directions from fewer pixels (PREVIEW_LIGHTS, PREVIEW_BUDGET).
 """
 
 from __future__ import annotations
@@ -58,8 +59,11 @@ TOLERANCE = 0.003  # ... and further behind than this, x the step's depth (depth
 OFFSET = 0.005  # rays start this far off the surface along its normal, x the pixel's depth
 MARCH_BUDGET = 1 << 16  # foreground pixels that march; above it, one per block
 CHUNK_RAYS = 8192  # rays marched at a time (small chunks stay in cache: 2-3x faster than 32k)
+PREVIEW_LIGHTS = 8  # an interactive preview (option "preview") marches this many HDRI directions
+PREVIEW_BUDGET = 1 << 12  # ... from this many pixels: ~40x less marching; blocky shadows, filtered soft
 FILTER_LEVELS = 2  # a-trous passes of the edge-aware filter (half width 3 pixels): the visibility's
 INDIRECT_FILTER_LEVELS = 3  # ... the bounce's and reflections' (half width 7: fewer rays, smoother light)
+TAPS = [(dy, dx) for dy in range(3) for dx in range(3)]  # a 3 x 3 kernel's taps, in steps from the top left
 Environment = Callable[[torch.Tensor], torch.Tensor]  # world directions (..., 3) -> the HDRI's radiance (..., 3)
 
 
@@ -101,7 +105,7 @@ class ScreenSpace:
         self.normal_map = normal[0].flatten(1).T  # (H W, 3), to check which side of a surface a ray hits
         self.normals = self.normal_map[self.pixels]  # (P, 3)
         # One marching pixel per block x block block; `follows[i]`: the marcher whose hits pixel i shares.
-        block = max(1, math.ceil(math.sqrt(len(self.pixels) / budget)))
+        self.block = block = max(1, math.ceil(math.sqrt(len(self.pixels) / budget)))
         rows, cols = self.pixels // width, self.pixels % width
         block_of = (rows // block) * -(-width // block) + cols // block
         blocks, self.follows = torch.unique(block_of, return_inverse=True)
@@ -128,6 +132,7 @@ class ScreenSpace:
         projection = torch.as_tensor(camera.projection, dtype=torch.float32, device=device)
         self.to_screen = torch.stack([*(projection @ world_to_camera)[[0, 1, 3]], -world_to_camera[2]])  # (4, 4)
         self._paths: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._weights: dict[int, list[torch.Tensor]] = {}  # a-trous level -> its taps' weights
 
     def _uniforms(self, shape: tuple[int, ...], stream: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 7919 + stream)
@@ -256,31 +261,40 @@ class ScreenSpace:
 
     def smooth(self, image: torch.Tensor, levels: int = FILTER_LEVELS) -> torch.Tensor:
         """An edge-aware filter of image (1, C, H, W) over the foreground: `levels` a-trous passes of a 3 x 3
-        kernel with taps 1, 2, 4, ... pixels apart (half width 2^levels - 1). Neighbours count by how close
-        they lie to the pixel's tangent plane and how alike their normals are, so shadow edges along
-        geometry stay sharp and a receding floor is smoothed as much as a wall facing the camera."""
+        kernel with taps 1, 2, 4, ... pixels apart (half width 2^levels - 1), and at least as wide as a marching
+        block. Neighbours count by how close they lie to the pixel's tangent plane and how alike their normals
+        are, so shadow edges along geometry stay sharp and a receding floor is smoothed as much as a wall
+        facing the camera. The weights depend only on the G-buffer: computed once, kept for relights."""
         height, width = self.height, self.width
-        normal = self.normal_map.T.reshape(1, 3, height, width)
-        position = self.position_map.T.reshape(1, 3, height, width)
-        tolerance = 0.02 * self.depth.clamp(min=1e-6)
-        for level in range(levels):
+        for level in range(max(levels, self.block.bit_length())):
             step = 2**level
+            padded = F.pad(image, (step, step, step, step), mode="replicate")
+            total = torch.zeros_like(image)
+            for (dy, dx), weight in zip(TAPS, self._filter_weights(level), strict=True):
+                total += weight * padded[..., dy * step:dy * step + height, dx * step:dx * step + width]
+            image = torch.where(self.mask > 0, total, image)
+        return image
 
-            def padded(x, step=step):
+    def _filter_weights(self, level: int) -> list[torch.Tensor]:
+        """The normalised weights (1, 1, H, W) of the 9 TAPS of a-trous pass `level`."""
+        if level not in self._weights:
+            height, width, step = self.height, self.width, 2**level
+            normal = self.normal_map.T.reshape(1, 3, height, width)
+            position = self.position_map.T.reshape(1, 3, height, width)
+            tolerance = 0.02 * self.depth.clamp(min=1e-6)
+
+            def padded(x: torch.Tensor) -> torch.Tensor:
                 return F.pad(x, (step, step, step, step), mode="replicate")
 
-            image_p, position_p, normal_p, mask_p = padded(image), padded(position), padded(normal), padded(self.mask)
-            total = torch.zeros_like(image)
-            weight_sum = torch.zeros_like(self.depth)
-            for dy in (0, step, 2 * step):
-                for dx in (0, step, 2 * step):
-                    window = (..., slice(dy, dy + height), slice(dx, dx + width))
-                    off_plane = ((position_p[window] - position) * normal).sum(1, keepdim=True)
-                    close = torch.exp(-((off_plane / tolerance) ** 2))
-                    aligned = (normal_p[window] * normal).sum(1, keepdim=True).clamp(min=0) ** 8
-                    spatial = (1 if dy == step else 0.5) * (1 if dx == step else 0.5)  # the B1 spline's 1/2/1
-                    weight = close * aligned * mask_p[window] * spatial
-                    total += weight * image_p[window]
-                    weight_sum += weight
-            image = torch.where(self.mask > 0, total / weight_sum.clamp(min=1e-8), image)
-        return image
+            position_p, normal_p, mask_p = padded(position), padded(normal), padded(self.mask)
+            weights = []
+            for dy, dx in TAPS:
+                window = (..., slice(dy * step, dy * step + height), slice(dx * step, dx * step + width))
+                off_plane = ((position_p[window] - position) * normal).sum(1, keepdim=True)
+                close = torch.exp(-((off_plane / tolerance) ** 2))
+                aligned = (normal_p[window] * normal).sum(1, keepdim=True).clamp(min=0) ** 8
+                spatial = (1 if dy == 1 else 0.5) * (1 if dx == 1 else 0.5)  # the B1 spline's 1/2/1
+                weights.append(close * aligned * mask_p[window] * spatial)
+            total = torch.stack(weights).sum(0).clamp(min=1e-8)
+            self._weights[level] = [weight / total for weight in weights]
+        return self._weights[level]

@@ -11,8 +11,8 @@ from backend.envmap import EnvironmentMap
 from backend.jobformat import Camera, Options, read_result, write_result
 from backend.models import build_shadow
 from backend.renderer import PreparedGBuffer, Renderer
-from backend.screenspace import ScreenSpace, light_directions
-from backend.shadow import ShadowNet
+from backend.screenspace import PREVIEW_BUDGET, PREVIEW_LIGHTS, ScreenSpace, light_directions
+from backend.shadow import ShadowNet, refine_visibility
 from backend.synthetic import Material, Plane, Sphere, constant_hdri, demo_scene_job, look_at, perspective, trace
 
 HEIGHT = 64
@@ -156,6 +156,33 @@ def test_marching_one_pixel_per_block_agrees_with_marching_every_pixel():
     assert ((every < 0.5) == (shared < 0.5)).float().mean() > 0.97 and (every - shared).abs().mean() < 0.02
 
 
+def test_the_preview_transport_marches_a_fraction_and_keeps_the_shadows_area():
+    """Option "preview" (the viewport's first image): PREVIEW_LIGHTS directions from at most PREVIEW_BUDGET
+    pixels, the blocks' edges filtered soft; the shadow keeps its place and, summed, its area."""
+    hdri, sun = sun_hdri(28, 80, height=128)
+    gbuffer, camera = one_sphere_on_a_plane(480, 360)
+    preview = screen_space(gbuffer, camera, budget=PREVIEW_BUDGET)
+    assert len(preview.starts) <= PREVIEW_BUDGET < (gbuffer.mask > 0).sum() / 16
+    visibility = preview.visibility(*light_directions(EnvironmentMap(hdri), PREVIEW_LIGHTS))[0, 0].numpy()
+    ground = (gbuffer.mask > 0) & (gbuffer.normal[..., 2] > 0.99)
+    expected, _ = ray_hits_spheres(gbuffer.position + 1e-3 * gbuffer.normal, sun, [((0.0, 0.0, 0.5), 0.5)])
+    expected &= ground
+    assert abs((1 - visibility)[ground].sum() / expected.sum() - 1) < 0.25
+    assert ((visibility < 0.5) & ground & ~dilate(expected, 8)).sum() < 0.05 * expected.sum()
+
+
+def test_a_preview_relight_differs_from_the_full_one_only_in_the_transport():
+    hdri, _ = sun_hdri(26, 80)
+    job = demo_scene_job(96, 72, hdri=hdri)
+    renderer = Renderer("cpu")
+    cache = renderer.relight_cache(renderer.prepare(job), Options(rays=16, sampling="stratified"))
+    full = renderer.relight(cache, hdri, 0.5)
+    preview = renderer.relight(cache, hdri, 0.5, options=Options(rays=16, sampling="stratified", preview=True))
+    assert np.array_equal(full.unshadowed, preview.unshadowed)
+    assert not np.array_equal(full.shaded, preview.shaded)
+    assert np.abs(full.transport["visibility"] - preview.transport["visibility"]).mean() < 0.05
+
+
 def test_the_bounce_light_of_a_glowing_sphere_matches_its_form_factor():
     """A sphere of radiance L above a matte floor: the floor receives albedo L cos(theta) (r / d)^2 (the form
     factor of a sphere seen fully above the horizon) from it, and the sphere receives nothing from itself."""
@@ -218,11 +245,14 @@ def test_the_transport_net_starts_at_the_physical_terms_and_stays_bounded():
     images = [torch.rand(1, c, 16, 16) for c in (3, 3, 3, 1, 1)] + [torch.ones(1, 1, 16, 16)]
     visibility, indirect = torch.rand(1, 1, 16, 16), torch.randn(1, 3, 16, 16)
     shadow, out = net(*images, visibility, indirect)
-    assert torch.equal(shadow, visibility) and torch.equal(out, indirect)
+    assert net.is_identity and torch.equal(shadow, visibility) and torch.equal(out, indirect)
+    # the UNet is skipped for a zero head: what it would give there is the physical terms exactly
+    assert torch.equal(refine_visibility(visibility, torch.zeros_like(visibility)), visibility)
     with torch.no_grad():
         for parameter in net.head.parameters():
             parameter.normal_(0, 100)
     shadow, out = net(*images, visibility, indirect)
+    assert not net.is_identity
     assert 0 <= shadow.min() and shadow.max() <= 1 and not torch.equal(shadow, visibility)
     ratio = out / indirect
     assert ratio.min() >= math.exp(-1.5) - 1e-4 and ratio.max() <= math.exp(1.5) + 1e-4
