@@ -6,7 +6,7 @@ properties.py, panels in ui.py, operators in operators.py, preferences in prefer
 
 import bpy
 
-from . import engine, operators, preferences, properties, service_process, ui
+from . import engine, operators, preferences, properties, service_process, ui, viewport
 
 
 class PBNDSRenderEngine(bpy.types.RenderEngine):
@@ -21,6 +21,15 @@ class PBNDSRenderEngine(bpy.types.RenderEngine):
 
     def update_render_passes(self, scene=None, renderlayer=None):
         engine.update_render_passes(self, scene, renderlayer)
+
+    def view_update(self, context, depsgraph):
+        viewport.view_update(self, context, depsgraph)
+
+    def view_draw(self, context, depsgraph):
+        viewport.view_draw(self, context, depsgraph)
+
+    def __del__(self):
+        viewport.free(self)
 
 
 modules = (properties, preferences, operators, ui)

@@ -241,11 +241,12 @@ class ServiceClient:
                 raise ServiceError(f"PBNDS job {job_id} not done after {timeout:g} s (last: {st['status']})")
             time.sleep(interval)
 
-    def result_arrays(self, job_id):
-        """The result as float32 arrays shaded (H,W,3), unshadowed, shadow (H,W), mask; top row first."""
-        _, _, data = self.request("GET", f"/v1/jobs/{job_id}/result.npz")
+    def result_arrays(self, job_id, half=False):
+        """The result as float32 arrays shaded (H,W,3), unshadowed, shadow (H,W), mask; top row first.
+        `half`: sent as float16 (half the bytes; enough to display)."""
+        _, _, data = self.request("GET", f"/v1/jobs/{job_id}/result.npz" + ("?half=true" if half else ""))
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
+            return {name: npz[name].astype(np.float32) for name in npz.files}
 
     def result_exr(self, job_id, path):
         """Download the result EXR to `path`; return the path."""

@@ -189,7 +189,7 @@ def gbuffer_signature(depsgraph, width, height, samples):
             obj.data.vertices.foreach_get("co", co)
             h.update(co.tobytes())
         for slot in obj.material_slots:
-            _hash_material(h, slot.material)
+            hash_node_tree(h, slot.material)
     h.update(json.dumps(lights.export_lights(scene, depsgraph)[0]).encode())
     if scene.world is not None and scene.world.node_tree is not None:
         for node in scene.world.node_tree.nodes:
@@ -204,7 +204,8 @@ def _plain(value):
     return tuple(value) if hasattr(value, "__len__") and not isinstance(value, str) else value
 
 
-def _hash_material(h, mat):
+def hash_node_tree(h, mat):
+    """Feed a material's or world's name, node settings, images and links into the hash `h`."""
     if mat is None:
         return
     h.update(mat.name.encode())

@@ -1,7 +1,7 @@
 """Scene settings of the PBNDS render engine, stored as `scene.pbnds`."""
 
 import bpy
-from bpy.props import BoolProperty, EnumProperty, IntProperty, PointerProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
 from . import hdri_browser
 
@@ -35,6 +35,12 @@ class PBNDSSceneSettings(bpy.types.PropertyGroup):
     shadows: BoolProperty(name="Shadows", default=True, description="Apply the neural shadow estimator")
     gbuffer_samples: IntProperty(name="G-buffer Samples", default=4, min=1, max=1024,
                                  description="Cycles samples for the G-buffer render")
+    viewport_scale: FloatProperty(
+        name="Viewport Resolution", default=0.5, min=0.1, max=1.0, subtype="FACTOR",
+        description="G-buffer size in the viewport's Rendered shading, as a fraction of the viewport's pixels")
+    viewport_hdri_width: IntProperty(
+        name="Viewport HDRI Width", default=256, min=16, max=4096,
+        description="Width of the world capture the viewport relights with (the height is half of it)")
     relight_only: BoolProperty(
         name="Relight Only", default=False,
         description="Reuse the last G-buffer when only the world changed: capture the HDRI and "

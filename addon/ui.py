@@ -79,6 +79,21 @@ class RENDER_PT_pbnds_gbuffer(PBNDSRenderPanel, bpy.types.Panel):
         layout.prop(settings, "relight_only")
 
 
+class RENDER_PT_pbnds_viewport(PBNDSRenderPanel, bpy.types.Panel):
+    bl_label = "Viewport"
+
+    def draw(self, context):
+        from . import viewport
+
+        layout = self.layout
+        layout.use_property_split = True
+        settings = context.scene.pbnds
+        layout.prop(settings, "viewport_scale", text="Resolution")
+        layout.prop(settings, "viewport_hdri_width", text="HDRI Width")
+        if viewport.status_text():
+            layout.label(text=viewport.status_text())
+
+
 class RENDER_PT_pbnds_cycles(bpy.types.Panel):
     """PBNDS shading of a Cycles scene, written back into the compositor."""
 
@@ -122,7 +137,7 @@ def compat_panels():
 
 
 classes = (RENDER_PT_pbnds_service, RENDER_PT_pbnds_shading, RENDER_PT_pbnds_hdri, RENDER_PT_pbnds_gbuffer,
-           RENDER_PT_pbnds_cycles)
+           RENDER_PT_pbnds_viewport, RENDER_PT_pbnds_cycles)
 
 
 def register():

@@ -60,16 +60,23 @@ def capture_hdri(scene, path, width=512, samples=16, fast=True):
     afterwards). ``fast=False`` forces the render path. Returns the path written.
     """
     path = Path(path).resolve()
+    write_exr(capture_pixels(scene, width, samples, fast, path), path, scene)
+    return path
+
+
+def capture_pixels(scene, width=512, samples=16, fast=True, scratch=None):
+    """The world of ``scene`` as a linear (width / 2, width, 3) float array, top row first (capture_hdri's
+    image); the render path writes its scratch file to ``scratch`` (default: the temporary folder)."""
     world = scene.world
     if world is None:
         raise ExportError(f"scene '{scene.name}' has no world to capture as the HDRI")
     width = max(2, int(width) // 2 * 2)
     pixels = fast_lookup(world, width) if fast else None
     if pixels is None:
+        scratch = Path(scratch or Path(tempfile.gettempdir()) / f"pbnds-world-{os.getpid()}.exr").resolve()
         with _sun_discs(_sun_skies(world), on=False):
-            pixels = _render_world(scene, path, width, width // 2, samples, _equirectangular_camera)
-    write_exr(np.maximum(pixels, 0.0), path, scene)
-    return path
+            pixels = _render_world(scene, scratch, width, width // 2, samples, _equirectangular_camera)
+    return np.maximum(pixels, 0.0).astype(np.float32)
 
 
 def world_suns(scene, size=48, samples=16):
