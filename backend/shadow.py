@@ -85,8 +85,8 @@ class ShadowNet(nn.Module):
         if (visibility is not None, indirect is not None) != (self.transport, self.transport):
             raise ValueError(f"this shadow net {'needs the' if self.transport else 'takes no'} transport inputs "
                              "(visibility and indirect)")
-        if self.transport and self.is_identity:
-            return visibility, indirect  # what a zero head gives, without the UNet's cost
+        if self.transport and not torch.is_grad_enabled() and self.is_identity:
+            return visibility, indirect  # what a zero head gives, without the UNet's cost (not while training)
         weights = torch.tensor([0.2126, 0.7152, 0.0722], device=unshadowed.device).view(1, 3, 1, 1)
         lum = (unshadowed * weights).sum(1, keepdim=True)
         coverage = mask.sum((2, 3), keepdim=True).clamp(min=1)
