@@ -217,7 +217,8 @@ class ServiceClient:
         return self.json("POST", f"/v1/jobs/{job_id}/cancel")
 
     def wait(self, job_id, progress=None, cancel_check=None, interval=0.1, timeout=None):
-        """Poll until the job ends; return its final status dict.
+        """Poll until the job ends; return its final status dict. Each poll waits on the service up to
+        `interval` seconds for the job to end (long polling), so the end is seen at once.
 
         `progress(fraction)` is called on every poll; `cancel_check()` returning true cancels the
         job on the service and raises ServiceCancelled. `timeout` bounds the whole wait.
@@ -228,7 +229,8 @@ class ServiceClient:
                 with contextlib.suppress(ServiceError):
                     self.cancel(job_id)
                 raise ServiceCancelled(f"PBNDS job {job_id} cancelled")
-            st = self.status(job_id)
+            asked = time.monotonic()
+            st = self.json("GET", f"/v1/jobs/{job_id}?wait={min(interval, 30):g}")  # answers when the job ends
             if progress:
                 progress(float(st.get("progress") or 0.0))
             if st["status"] == "done":
@@ -239,12 +241,14 @@ class ServiceClient:
                 raise ServiceCancelled(f"PBNDS job {job_id} was cancelled on the service")
             if timeout is not None and time.monotonic() - start > timeout:
                 raise ServiceError(f"PBNDS job {job_id} not done after {timeout:g} s (last: {st['status']})")
-            time.sleep(interval)
+            time.sleep(max(0.0, interval - (time.monotonic() - asked)))  # a service without long polling
 
-    def result_arrays(self, job_id, half=False):
-        """The result as float32 arrays shaded (H,W,3), unshadowed, shadow (H,W), mask; top row first.
-        `half`: sent as float16 (half the bytes; enough to display)."""
-        _, _, data = self.request("GET", f"/v1/jobs/{job_id}/result.npz" + ("?half=true" if half else ""))
+    def result_arrays(self, job_id, half=False, layers=None):
+        """The result as float32 arrays shaded (H,W,3), unshadowed, shadow (H,W), lights, mask; top row first.
+        `half`: sent as float16 (half the bytes; enough to display); `layers`: only these names."""
+        query = urllib.parse.urlencode({**({"half": "true"} if half else {}), **({"layers": ",".join(layers)}
+                                                                                if layers else {})})
+        _, _, data = self.request("GET", f"/v1/jobs/{job_id}/result.npz" + (f"?{query}" if query else ""))
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             return {name: npz[name].astype(np.float32) for name in npz.files}
 

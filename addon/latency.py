@@ -23,7 +23,8 @@ import bpy
 from . import properties, service_process, viewport
 
 PARTS = (("gbuffer_ms", "G-buffer render"), ("world_ms", "world capture"), ("upload_ms", "upload"),
-         ("shade_ms", "shade (service)"), ("download_ms", "download"))
+         ("shade_ms", "shade (service)"), ("service_decode_ms", "of which HDRI decode"),
+         ("service_run_ms", "of which run"), ("download_ms", "download"))
 
 
 def measure(scene, svc, size, scale, changes):

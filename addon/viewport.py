@@ -13,6 +13,7 @@ cancels the running job on the service and starts again. view_draw draws the lat
 module through Blender's display transform. Every step's time is kept (`status_text`, `pbnds-latency`).
 """
 
+import contextlib
 import hashlib
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ from mathutils import Matrix
 from . import client, compositor, engine, gbuffer, world
 
 PREVIEW = {"rays": 16, "sampling": "stratified", "preview": True}  # the first pass after every change
-POLL_SECONDS = 0.005  # the worker's status polling interval (a relight preview takes ~0.1-0.3 s)
+POLL_SECONDS = 0.25  # the longest a status request waits on the service (it answers when the job ends)
 _last_status = {"text": ""}  # the newest image's timings, for the status bar and the HDRI browser
 
 
@@ -52,21 +53,25 @@ def world_signature(scene):
 
 
 def background(hdri, view_matrix, window_matrix, width, height):
-    """The world as the view sees it, (height, width, 3) top row first: the equirectangular `hdri` (top row
-    first; the job contract's mapping, u = 0.5 - atan2(y, x) / 2 pi, v = theta / pi) looked up along each
-    pixel centre's ray."""
+    """The world as the view sees it, (height, width, 3) top row first: the equirectangular `hdri` looked up
+    along each pixel centre's ray."""
+    return hdri.reshape(-1, hdri.shape[-1])[backdrop_texels(view_matrix, window_matrix, width, height, *hdri.shape[:2])]
+
+
+def backdrop_texels(view_matrix, window_matrix, width, height, rows, cols):
+    """Flat indices (height, width) of the texels of a rows x cols equirectangular HDRI (top row first; the
+    job contract's mapping, u = 0.5 - atan2(y, x) / 2 pi, v = theta / pi) that each pixel centre's ray
+    sees. They depend only on the view: the viewport keeps them while the world changes."""
     to_world = np.linalg.inv(np.array(window_matrix, np.float64) @ np.array(view_matrix, np.float64))
     x = (np.arange(width) + 0.5) / width * 2 - 1
     y = 1 - (np.arange(height) + 0.5) / height * 2
-    ndc = np.stack(np.broadcast_arrays(x[None, :], y[:, None], 1.0, 1.0), -1)  # far plane points
-    far = ndc @ to_world.T
-    near = np.stack(np.broadcast_arrays(x[None, :], y[:, None], -1.0, 1.0), -1) @ to_world.T
-    rays = far[..., :3] / far[..., 3:] - near[..., :3] / near[..., 3:]
+    ends = [np.stack(np.broadcast_arrays(x[None, :], y[:, None], z, 1.0), -1) @ to_world.T for z in (-1.0, 1.0)]
+    rays = ends[1][..., :3] / ends[1][..., 3:] - ends[0][..., :3] / ends[0][..., 3:]  # near plane to far plane
     rays /= np.linalg.norm(rays, axis=-1, keepdims=True)
-    rows, cols = hdri.shape[:2]
     theta = np.arccos(np.clip(rays[..., 2], -1, 1))
     u = (0.5 - np.arctan2(rays[..., 1], rays[..., 0]) / (2 * np.pi)) % 1.0
-    return hdri[np.minimum((theta / np.pi * rows).astype(int), rows - 1), np.minimum((u * cols).astype(int), cols - 1)]
+    row, col = np.minimum((theta / np.pi * rows).astype(int), rows - 1), np.minimum((u * cols).astype(int), cols - 1)
+    return row * cols + col
 
 
 def camera_settings(view_matrix, window_matrix, width, height):
@@ -120,6 +125,7 @@ class Shading:
         self.lock = threading.Lock()
         self.generation = 0
         self.job_id = None  # the job whose G-buffer relights re-shade
+        self.in_flight = None  # the service job being waited for
         self.image = None  # (H, W, 4) float32 RGBA, top row first
         self.timings = {}
         self.passes_done = 0
@@ -132,11 +138,11 @@ class Shading:
         `backdrop` (H, W, 3) is shown where no surface was hit (None: transparent there)."""
         with self.lock:
             self.generation += 1
-            generation = self.generation
+            generation, superseded = self.generation, self.in_flight
             if job_json is not None:
                 self.job_id = None
-        self.thread = threading.Thread(target=self._run, daemon=True,
-                                       args=(generation, passes, hdri_path, job_json, dict(timings or {}), backdrop))
+        self.thread = threading.Thread(target=self._run, daemon=True, args=(
+            generation, superseded, passes, hdri_path, job_json, dict(timings or {}), backdrop))
         self.thread.start()
 
     def cancel(self):
@@ -148,11 +154,14 @@ class Shading:
         if self.thread is not None:
             self.thread.join(timeout)
 
-    def _run(self, generation, passes, hdri_path, job_json, timings, backdrop):
+    def _run(self, generation, superseded, passes, hdri_path, job_json, timings, backdrop):
         def stale():
             return generation != self.generation
 
         try:
+            if superseded is not None:  # the service shades one job at a time: free it for this one at once
+                with contextlib.suppress(client.ServiceError):
+                    self.svc.cancel(superseded)
             for index, options in enumerate(passes):
                 marks = {**timings, "pass": index + 1}
                 started = time.perf_counter()
@@ -165,11 +174,14 @@ class Shading:
                     job_id = self.svc.relight(self.job_id, hdri_path, options)
                 marks["upload_ms"] = (time.perf_counter() - started) * 1e3
                 started = time.perf_counter()
+                with self.lock:
+                    self.in_flight = job_id
                 status = self.svc.wait(job_id, cancel_check=stale, interval=POLL_SECONDS)
                 marks["shade_ms"] = (time.perf_counter() - started) * 1e3
-                marks["service_ms"] = sum(status.get("timings", {}).get(k, 0.0) for k in ("shade_ms", "shadow_ms"))
+                service = status.get("timings", {})
+                marks.update({f"service_{key}": service[key] for key in ("decode_ms", "run_ms") if key in service})
                 started = time.perf_counter()
-                arrays = self.svc.result_arrays(job_id, half=True)
+                arrays = self.svc.result_arrays(job_id, half=True, layers=("shaded", "mask"))
                 if backdrop is not None:
                     arrays["background"] = backdrop
                 image = compositor.rgba(arrays, "shaded", transparent=backdrop is None)
@@ -210,6 +222,7 @@ class ViewportState:
         self.view = None  # (view matrix, window matrix, width, height) to render from
         self.shaded_for = (None, None)  # (G-buffer key, world signature) of the current run
         self.gbuffer_key = None  # the key of the G-buffer exported last, and its job.json
+        self.texels = (None, None)  # (view and sizes, the backdrop's HDRI texel per pixel)
         self.job_json = None
         self.last_error = ""
 
@@ -238,7 +251,12 @@ class ViewportState:
             hdri = world.capture_pixels(scene, settings.viewport_hdri_width, scratch=self.workdir / "scratch.exr")
             hdri_path = self.workdir / f"world-{world_key[:12]}.exr"
             world.write_exr(hdri, hdri_path, scene)
-            backdrop = None if scene.render.film_transparent else background(hdri, view_matrix, window_matrix, *size)
+            backdrop = None
+            if not scene.render.film_transparent:
+                texels_key = (repr(self.view), size, hdri.shape)
+                if self.texels[0] != texels_key:
+                    self.texels = (texels_key, backdrop_texels(view_matrix, window_matrix, *size, *hdri.shape[:2]))
+                backdrop = hdri.reshape(-1, 3)[self.texels[1]]
             timings = {"world_ms": (time.perf_counter() - started) * 1e3}
             if key != self.gbuffer_key or self.shading.job_id is None:
                 # a new G-buffer, or the last one never reached the service (still on its way, or refused)

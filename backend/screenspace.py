@@ -271,7 +271,7 @@ class ScreenSpace:
             padded = F.pad(image, (step, step, step, step), mode="replicate")
             total = torch.zeros_like(image)
             for (dy, dx), weight in zip(TAPS, self._filter_weights(level), strict=True):
-                total += weight * padded[..., dy * step:dy * step + height, dx * step:dx * step + width]
+                total.addcmul_(weight, padded[..., dy * step:dy * step + height, dx * step:dx * step + width])
             image = torch.where(self.mask > 0, total, image)
         return image
 

@@ -12,7 +12,7 @@ import time
 from contextlib import asynccontextmanager
 
 import numpy as np
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -35,6 +35,7 @@ from .security import NONCE, Guard, token_proof
 
 API_VERSION = 1
 RESULT_ARRAYS = ("shaded", "unshadowed", "shadow", "lights", "mask")
+MAX_WAIT = 30.0  # seconds a status request may wait for its job to finish (long polling)
 MAX_ROTATION = 1e6  # radians; beyond it the HDRI's pixel shift overflows and the rotation means nothing
 
 
@@ -59,12 +60,23 @@ def encode_exr(result: Result, half: bool = False) -> bytes:
     return exr_bytes(result_channels(result), half=half, meta=result.meta)
 
 
-def encode_npz(result: Result, half: bool = False) -> bytes:
+def encode_npz(result: Result, half: bool = False, layers: tuple[str, ...] = RESULT_ARRAYS) -> bytes:
     dtype = np.float16 if half else np.float32
     buffer = io.BytesIO()
     with np.errstate(over="ignore"):
-        np.savez(buffer, **{name: np.ascontiguousarray(getattr(result, name), dtype) for name in RESULT_ARRAYS})
+        np.savez(buffer, **{name: np.ascontiguousarray(getattr(result, name), dtype) for name in layers})
     return buffer.getvalue()
+
+
+def requested_layers(layers: str | None) -> tuple[str, ...]:
+    """result.npz's ?layers=a,b (default: all of RESULT_ARRAYS); JobError naming an unknown one."""
+    if layers is None:
+        return RESULT_ARRAYS
+    names = tuple(name.strip() for name in layers.split(","))
+    unknown = [name for name in names if name not in RESULT_ARRAYS]
+    if unknown or not names:
+        raise JobError(f"unknown result layer(s) {unknown}; known: {', '.join(RESULT_ARRAYS)}")
+    return names
 
 
 def create_app(manager: JobManager, *, token: str, max_body: int, max_pixels: int,
@@ -154,8 +166,11 @@ def create_app(manager: JobManager, *, token: str, max_body: int, max_pixels: in
         return {"id": record.id, "status": record.status}
 
     @app.get("/v1/jobs/{job_id}")
-    def status(job_id: str) -> dict:
-        return manager.get(job_id).describe()
+    def status(job_id: str, wait: float = Query(0.0, description=f"long poll: answer as soon as the job has "
+                                                  f"finished, or after this many seconds (<= {MAX_WAIT:g})")) -> dict:
+        if not (math.isfinite(wait) and 0 <= wait <= MAX_WAIT):
+            raise JobError(f"wait must be a number of seconds within 0..{MAX_WAIT:g}, got {wait!r}")
+        return (manager.wait_finished(job_id, wait) if wait else manager.get(job_id)).describe()
 
     def download(job_id: str, encode, half: bool) -> Response:
         result = finished_result(job_id)
@@ -170,9 +185,11 @@ def create_app(manager: JobManager, *, token: str, max_body: int, max_pixels: in
         return download(job_id, encode_exr, half)
 
     @app.get("/v1/jobs/{job_id}/result.npz", response_class=Response)
-    def result_npz(job_id: str, half: bool = False) -> Response:
-        """The result arrays; ?half=true sends float16 (half the bytes; ~3 significant digits)."""
-        return download(job_id, encode_npz, half)
+    def result_npz(job_id: str, half: bool = False, layers: str | None = None) -> Response:
+        """The result arrays; ?half=true sends float16 (half the bytes; ~3 significant digits); ?layers=shaded,mask
+        only those."""
+        names = requested_layers(layers)
+        return download(job_id, lambda result, half: encode_npz(result, half, names), half)
 
     @app.post("/v1/jobs/{job_id}/cancel")
     def cancel(job_id: str) -> dict:

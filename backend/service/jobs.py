@@ -130,6 +130,13 @@ class JobManager:
             except KeyError:
                 raise UnknownJob(job_id) from None
 
+    def wait_finished(self, job_id: str, timeout: float) -> ServiceJob:
+        """The job as soon as it has finished, or as it is after `timeout` seconds (long polling)."""
+        with self._cond:
+            record = self.get(job_id)
+            self._cond.wait_for(lambda: record.status in FINISHED, timeout)
+            return record
+
     def cancel(self, job_id: str) -> ServiceJob:
         with self._cond:
             record = self.get(job_id)
@@ -183,6 +190,7 @@ class JobManager:
     def _finish(self, record: ServiceJob, status: str, error: str | None = None) -> None:
         record.status, record.error, record.finished = status, error, time.monotonic()
         record.job = record.hdri = None  # the uploads are no longer needed
+        self._cond.notify_all()  # wakes wait_finished
         event(f"job.{status}", job=record.id, error=error, timings=record.describe()["timings"])
 
     # -- worker -----------------------------------------------------------------------------------

@@ -307,3 +307,22 @@ def test_shadow_maps_are_uploaded_with_the_job_and_used(service, renderer, tmp_p
                  (("job", "job.json"), ("gbuffer", "gbuffer.exr"), ("hdri", "hdri.exr"))}
         reply = http.post("/v1/jobs", files=multipart(files))
     assert reply.status_code == 400 and "shadow_0.exr" in reply.json()["detail"]
+
+
+def test_a_long_poll_answers_when_the_job_ends_and_npz_layers_can_be_chosen(client, tmp_path):
+    job_id = submit(client, job_files(slow_job(), tmp_path))
+    wait(client, job_id, until=("running",))
+    assert client.get(f"/v1/jobs/{job_id}", params={"wait": 0.05}).json()["status"] == "running"  # timed out
+    client.post(f"/v1/jobs/{job_id}/cancel")
+    assert client.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()["status"] == "cancelled"  # ended first
+    for bad in (31, -1, "nan"):
+        reply = client.get(f"/v1/jobs/{job_id}", params={"wait": bad})
+        assert reply.status_code == 400 and "wait" in reply.json()["detail"]
+    done = submit(client, job_files(sphere_job(16, 16, options=Options(model="lambert", rays=4)), tmp_path))
+    assert client.get(f"/v1/jobs/{done}", params={"wait": 30}).json()["status"] == "done"
+    data = client.get(f"/v1/jobs/{done}/result.npz", params={"layers": "shaded,mask", "half": "true"}).content
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        assert {name: (npz[name].shape, npz[name].dtype) for name in npz.files} == {
+            "shaded": ((16, 16, 3), np.float16), "mask": ((16, 16), np.float16)}
+    unknown = client.get(f"/v1/jobs/{done}/result.npz", params={"layers": "shaded,normal"})
+    assert unknown.status_code == 400 and "'normal'" in unknown.json()["detail"]
