@@ -190,6 +190,7 @@ def main(argv=None):
     args = build_parser(in_blender).parse_args(argv)
     if not hasattr(bpy.types.Scene, "pbnds"):
         properties.register()
+        compat.unregister_at_exit(properties.PBNDSSceneSettings, properties.unregister)
     return run(args)
 
 

@@ -1,9 +1,8 @@
 """The Blender API differences between 5.0 and 4.5 LTS, one helper each (docs/addon.md, Blender versions).
 
-The manifest requires 5.0 (blender_version_min): on 4.5 the G-buffer export, compositor write-back and
-both install paths pass the tests through these helpers, but an F12 render with the PBNDS engine (its
-nested Cycles render) and the batch script hang. 4.2 also lacks the compositor's Vector Math node and
-``Light.exposure``, and crashes in the tests.
+The manifest requires 4.5 (blender_version_min): the add-on's tests pass on the bpy 4.5.15 and 5.0.1
+wheels through these helpers. 4.2 also lacks the compositor's Vector Math node and ``Light.exposure``,
+and crashes in the tests.
 
 The rest of the add-on calls these instead of testing versions itself:
 - image format: 5.0 chooses a ``media_type`` (image, multilayer, video) before the ``file_format``;
@@ -18,8 +17,11 @@ The rest of the add-on calls these instead of testing versions itself:
 - node trees: 5.0 materials and worlds always have one; 4.x ones made in Python need ``use_nodes``.
 - Render Layers node: the Ambient Occlusion pass output is ``AO`` in 4.x.
 - Nishita sky: `'NISHITA'` in 4.x is 5.0's `'SINGLE_SCATTERING'` (5.0 adds `'MULTIPLE_SCATTERING'`, its default).
+- exit of the bpy 4.x wheel: a process that still has a class with Python methods registered hangs
+  after Python's finalization (:func:`unregister_at_exit`).
 """
 
+import atexit
 import os
 from pathlib import Path
 
@@ -29,6 +31,31 @@ BLENDER_5 = bpy.app.version >= (5, 0, 0)
 AO_OUTPUT = "Ambient Occlusion" if BLENDER_5 else "AO"  # the Render Layers node's output
 NISHITA_SKY = "SINGLE_SCATTERING" if BLENDER_5 else "NISHITA"
 _MEDIA_TYPES = {"OPEN_EXR_MULTILAYER": "MULTI_LAYER_IMAGE", "FFMPEG": "VIDEO"}
+
+
+_EXIT_HOOKS = set()
+
+
+def unregister_at_exit(cls, unregister):
+    """Run ``unregister()`` at interpreter exit if ``cls`` is still registered then, where bpy is
+    4.x imported as a Python module (the bpy wheel; Blender itself has a ``binary_path``).
+
+    That bpy never exits while a registered class with Python methods keeps it alive through Python's
+    finalization: the C++ destructor of its sound module's global state then destroys the condition
+    variable its delayed device-close thread still waits on, and ``exit()`` blocks in
+    ``pthread_cond_destroy`` forever (seen on 4.5.15; 5.0.1 exits). 5.0 and Blender: no-op. One hook
+    per class, however often this is called.
+    """
+    if BLENDER_5 or bpy.app.binary_path or cls in _EXIT_HOOKS:
+        return
+    _EXIT_HOOKS.add(cls)
+
+    def release():
+        _EXIT_HOOKS.discard(cls)
+        if cls.is_registered:
+            unregister()
+
+    atexit.register(release)
 
 
 def set_file_format(settings, file_format):

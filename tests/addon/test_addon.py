@@ -31,7 +31,34 @@ def test_register_unregister_twice():
     assert "CYCLE-OK" in proc.stdout
 
 
+def test_process_exits_with_classes_still_registered():
+    """bpy 4.5's wheel hangs in exit() while a class with Python methods is registered (its sound
+    thread's condition variable, compat.unregister_at_exit): the hook unregisters there; 5.0 exits anyway."""
+    proc = run_python("""
+        import bpy
+        from addon import compat
+
+        class PBNDS_OT_exit_probe(bpy.types.Operator):
+            bl_idname = "pbnds.exit_probe"
+            bl_label = "Exit probe"
+
+            def execute(self, context):
+                return {"FINISHED"}
+
+        def unregister():
+            bpy.utils.unregister_class(PBNDS_OT_exit_probe)
+            print("UNREGISTERED-AT-EXIT", flush=True)
+
+        bpy.utils.register_class(PBNDS_OT_exit_probe)
+        compat.unregister_at_exit(PBNDS_OT_exit_probe, unregister)
+        compat.unregister_at_exit(PBNDS_OT_exit_probe, unregister)  # one hook per class
+        print("HOOKED", compat.BLENDER_5)
+    """, timeout=60)
+    assert proc.stdout.count("UNREGISTERED-AT-EXIT") == (0 if "HOOKED True" in proc.stdout else 1), proc.stdout
+
+
 def test_engine_reports_unreachable_service_by_url(tiny_blend, tmp_path):
+    """On the bpy 4.5 wheel this also checks that the process exits with the add-on still registered."""
     from addon.service_process import free_port
 
     url = f"http://127.0.0.1:{free_port()}"
