@@ -6,7 +6,7 @@ properties.py, panels in ui.py, operators in operators.py, preferences in prefer
 
 import bpy
 
-from . import engine, operators, preferences, properties, service_process, ui, viewport
+from . import compat, engine, operators, preferences, properties, service_process, ui, viewport
 
 
 class PBNDSRenderEngine(bpy.types.RenderEngine):
@@ -44,6 +44,7 @@ def register():
     hdri_browser.register()
     for cls in classes:
         bpy.utils.register_class(cls)
+    compat.unregister_at_exit(PBNDSRenderEngine, unregister)  # the bpy 4.x module hangs at exit otherwise
 
 
 def unregister():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from blender_helpers import read_exr
 
-from addon import hdri_browser, properties, world
+from addon import compat, hdri_browser, properties, world
 from backend import exrio
 
 pytestmark = pytest.mark.blender
@@ -100,10 +100,17 @@ def image_path(scene):
     return os.path.normpath(bpy.path.abspath(env_node(scene).image.filepath))
 
 
+def _new_world(name):
+    """A new world with its node tree (4.x: switched on)."""
+    w = bpy.data.worlds.new(name)
+    compat.node_tree(w)
+    return w
+
+
 def rotated_world(name="User World", rotation=math.radians(40.0)):
     """A world as users build it: Texture Coordinate -> Mapping (rotated) -> Environment Texture ->
     Background (strength 1.5), plus nodes of the user's own that light nothing."""
-    w = bpy.data.worlds.new(name)
+    w = _new_world(name)
     tree = w.node_tree
     background = tree.nodes["Background"]
     background.inputs["Strength"].default_value = 1.5
@@ -193,7 +200,7 @@ def test_world_without_nodes_gets_a_working_setup(scene, folder):
     assert image_path(scene) == str(root / "a_studio.hdr")
     assert world.fast_lookup(scene.world, W) is not None
 
-    empty = bpy.data.worlds.new("Empty")
+    empty = _new_world("Empty")
     for node in list(empty.node_tree.nodes):
         empty.node_tree.nodes.remove(node)
     scene.world = empty
@@ -202,7 +209,7 @@ def test_world_without_nodes_gets_a_working_setup(scene, folder):
     assert world.fast_lookup(scene.world, W) is not None
 
     # a sky feeding the Background: the sky node stays (unlinked), the HDRI feeds the Background
-    sky = bpy.data.worlds.new("Sky")
+    sky = _new_world("Sky")
     tex = sky.node_tree.nodes.new("ShaderNodeTexSky")
     sky.node_tree.links.new(tex.outputs["Color"], sky.node_tree.nodes["Background"].inputs["Color"])
     scene.world = sky
