@@ -4,9 +4,10 @@ The shader lights every pixel by the whole HDRI, as if nothing stood in the way.
 shows of the scene corrects that physically, before any network (the shadow net only refines these terms):
 
 - visibility (1, 1, H, W): the share of the HDRI's cosine-weighted direct light that reaches the pixel,
-  sum_k w_k cos_k V_k / sum_k w_k cos_k over K directions importance-sampled from the HDRI's luminance
-  (w_k = luminance / pdf, shared by every pixel); 1 where nothing blocks. For the diffuse layer this is
-  exactly the visible fraction of the light; the shaded image is unshadowed x visibility.
+  sum_k w_k cos_k V_k / sum_k w_k cos_k over K directions, half importance-sampled from the HDRI's luminance
+  and half stratified over the sphere (w_k = luminance / the mixture's pdf, shared by every pixel); 1 where
+  nothing blocks. For the diffuse layer this is exactly the visible fraction of the light; the shaded image
+  is unshadowed x visibility.
 - bounce (1, 3, H, W): light that on-screen surfaces send into the pixel's diffuse layer,
   albedo (1 - the specular layer's albedo) mean_k L(hit_k) over cosine-distributed rays, where L is the
   direct-lit image at the pixel a ray hits (a ray that escapes sees the HDRI, which the shading holds).
@@ -43,7 +44,7 @@ import torch.nn.functional as F
 from . import brdf
 from .envmap import EnvironmentMap, luminance
 from .jobformat import Camera
-from .sampling import cosine_local, ggx_directions, ggx_pdf, make_rays, to_world
+from .sampling import UNIFORM_SPHERE_PDF, cosine_local, ggx_directions, ggx_pdf, make_rays, to_world
 from .shaders import PixelInputs
 
 LIGHTS = 32  # HDRI directions for the visibility
@@ -81,10 +82,17 @@ class Transport:
 
 
 def light_directions(envmap: EnvironmentMap, count: int = LIGHTS, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(directions (K, 3), weights (K,)): importance samples of the HDRI's luminance and their luminance / pdf."""
-    rays = make_rays("importance", count, seed, envmap=envmap, device=envmap.device)
-    directions = rays.directions.reshape(-1, 3)
-    return directions, luminance(envmap.lookup(directions)) / rays.pdf.reshape(-1).clamp(min=1e-12)
+    """(directions (K, 3), weights (K,)): half importance samples of the HDRI's luminance, half stratified over the
+    sphere, each weighted luminance / the mixture's pdf (balance heuristic). Luminance alone crowds every sample
+    onto small bright sources; under a night sky whose lamps sit on the horizon (40% of the radiance in 1% of
+    the texels, little of the light a floor receives) the few samples left for the wide sky overhead then
+    mis-weigh the floor's shadows by whole stripes. Half of K still finds a sun."""
+    lit = count // 2
+    parts = [make_rays("importance", lit, seed, envmap=envmap, device=envmap.device),
+             make_rays("stratified", count - lit, seed, device=envmap.device)]
+    directions = torch.cat([rays.directions.reshape(-1, 3) for rays in parts])
+    pdf = (lit * envmap.pdf(directions) + (count - lit) * UNIFORM_SPHERE_PDF) / count
+    return directions, luminance(envmap.lookup(directions)) / pdf.clamp(min=1e-12)
 
 
 class ScreenSpace:
