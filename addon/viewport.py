@@ -10,7 +10,8 @@ drawing, where a nested Cycles render is allowed). tick compares signatures with
 Either way a `Shading` run on a worker thread does the service's part in progressive passes: a preview (few
 rays, option "preview": coarse screen-space transport), then the scene's own options. A newer change
 cancels the running job on the service and starts again. view_draw draws the latest image with the gpu
-module through Blender's display transform. Every step's time is kept (`status_text`, `pbnds-latency`).
+module through Blender's display transform. Every step's time is kept (`status_text`; `python -m addon.latency`
+measures them).
 """
 
 import contextlib
@@ -19,7 +20,6 @@ import shutil
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import bpy
@@ -34,7 +34,8 @@ _last_status = {"text": ""}  # the newest image's timings, for the status bar an
 
 
 def status_text():
-    """The newest viewport image's time and its parts, e.g. "PBNDS 212 ms: world 9, upload 6, ..."; "" if none."""
+    """The newest viewport image's time and its parts (timing_text), e.g. "PBNDS pass 1: 212 ms (world 9, ...)";
+    "" before the first."""
     return _last_status["text"]
 
 
@@ -50,12 +51,6 @@ def world_signature(scene):
         h.update(repr(tuple(scene.world.color)).encode())
         engine.hash_node_tree(h, scene.world)
     return h.hexdigest()
-
-
-def background(hdri, view_matrix, window_matrix, width, height):
-    """The world as the view sees it, (height, width, 3) top row first: the equirectangular `hdri` looked up
-    along each pixel centre's ray."""
-    return hdri.reshape(-1, hdri.shape[-1])[backdrop_texels(view_matrix, window_matrix, width, height, *hdri.shape[:2])]
 
 
 def backdrop_texels(view_matrix, window_matrix, width, height, rows, cols):
@@ -95,7 +90,7 @@ def camera_settings(view_matrix, window_matrix, width, height):
     return to_world.tolist(), data
 
 
-@contextmanager
+@contextlib.contextmanager
 def temporary_camera(scene, matrix_world, settings):
     """The scene's camera replaced by one with these settings while the block runs; removed afterwards."""
     data = bpy.data.cameras.new("PBNDS Viewport Camera")
@@ -191,8 +186,7 @@ class Shading:
                         return
                     self.image, self.timings, self.passes_done, self.error = image, marks, index + 1, ""
                 self.on_image()
-                if index == 0 and job_json is not None:
-                    timings = {}  # later passes are relights: no export or capture of their own
+                timings = {}  # later passes have no export or capture of their own
         except client.ServiceCancelled:
             return
         except client.ServiceError as exc:

@@ -65,7 +65,7 @@ def test_the_backdrop_is_the_hdri_along_each_pixels_ray(open_fixture):
     hdri = np.stack(np.broadcast_arrays(np.sin(theta)[:, None] * np.cos(phi), np.sin(theta)[:, None] * np.sin(phi),
                                         np.cos(theta)[:, None]), -1).astype(np.float32)
     view, window = camera_matrices(scene.camera, 40, 30)
-    backdrop = viewport.background(hdri, view, window, 40, 30)
+    backdrop = hdri.reshape(-1, 3)[viewport.backdrop_texels(view, window, 40, 30, rows, cols)]
     forward = -np.array(scene.camera.matrix_world)[:3, 2]
     assert backdrop.shape == (30, 40, 3)
     assert np.degrees(np.arccos(np.clip(backdrop[15, 20] @ forward, -1, 1))) < 4  # texels are 2.8 degrees wide
