@@ -198,11 +198,12 @@ class ServiceClient:
         body, ctype = encode_multipart(fields)
         return self.json("POST", "/v1/jobs", body, ctype)["id"]
 
-    def relight(self, job_id, hdri_path, options=None, rotation=0.0):
-        """Re-shade job `job_id`'s G-buffer (kept by the service) under a new HDRI, rotated by `rotation`
-        radians about +Z; new job id. With uniform, stratified or cosine rays the service re-shades from
-        its relight cache (docs/performance.md)."""
-        fields = {"hdri": ("hdri.exr", pathlib.Path(hdri_path).read_bytes(), "application/octet-stream")}
+    def relight(self, job_id, hdri, options=None, rotation=0.0):
+        """Re-shade job `job_id`'s G-buffer (kept by the service) under a new HDRI (an EXR's path, or its
+        bytes), rotated by `rotation` radians about +Z; new job id. With uniform, stratified or cosine rays
+        the service re-shades from its relight cache (docs/performance.md)."""
+        data = hdri if isinstance(hdri, bytes) else pathlib.Path(hdri).read_bytes()
+        fields = {"hdri": ("hdri.exr", data, "application/octet-stream")}
         if options:
             fields["options"] = json.dumps(options)
         if rotation:

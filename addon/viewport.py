@@ -127,9 +127,9 @@ class Shading:
         self.error = ""
         self.thread = None
 
-    def start(self, passes, hdri_path, job_json=None, timings=None, backdrop=None):
+    def start(self, passes, hdri, job_json=None, timings=None, backdrop=None):
         """Shade `passes` (job options): the first through `job_json` (a new G-buffer's job, submitted with the
-        first pass's options written in it) when given, else relights of the kept job under `hdri_path`.
+        first pass's options written in it) when given, else relights of the kept job under `hdri` (EXR bytes).
         `backdrop` (H, W, 3) is shown where no surface was hit (None: transparent there)."""
         with self.lock:
             self.generation += 1
@@ -137,7 +137,7 @@ class Shading:
             if job_json is not None:
                 self.job_id = None
         self.thread = threading.Thread(target=self._run, daemon=True, args=(
-            generation, superseded, passes, hdri_path, job_json, dict(timings or {}), backdrop))
+            generation, superseded, passes, hdri, job_json, dict(timings or {}), backdrop))
         self.thread.start()
 
     def cancel(self):
@@ -149,7 +149,7 @@ class Shading:
         if self.thread is not None:
             self.thread.join(timeout)
 
-    def _run(self, generation, superseded, passes, hdri_path, job_json, timings, backdrop):
+    def _run(self, generation, superseded, passes, hdri, job_json, timings, backdrop):
         def stale():
             return generation != self.generation
 
@@ -166,7 +166,7 @@ class Shading:
                         if not stale():
                             self.job_id = job_id
                 else:
-                    job_id = self.svc.relight(self.job_id, hdri_path, options)
+                    job_id = self.svc.relight(self.job_id, hdri, options)
                 marks["upload_ms"] = (time.perf_counter() - started) * 1e3
                 started = time.perf_counter()
                 with self.lock:
@@ -189,7 +189,7 @@ class Shading:
                 timings = {}  # later passes have no export or capture of their own
         except client.ServiceCancelled:
             return
-        except client.ServiceError as exc:
+        except (client.ServiceError, OSError) as exc:  # OSError: a newer change replaced the job's files
             with self.lock:
                 if stale():
                     return
@@ -243,8 +243,9 @@ class ViewportState:
         try:
             started = time.perf_counter()
             hdri = world.capture_pixels(scene, settings.viewport_hdri_width, scratch=self.workdir / "scratch.exr")
-            hdri_path = self.workdir / f"world-{world_key[:12]}.exr"
+            hdri_path = self.workdir / "world.exr"  # runs get its bytes: one file, however many worlds
             world.write_exr(hdri, hdri_path, scene)
+            hdri_bytes = hdri_path.read_bytes()
             backdrop = None
             if not scene.render.film_transparent:
                 texels_key = (repr(self.view), size, hdri.shape)
@@ -260,10 +261,10 @@ class ViewportState:
                     self.gbuffer_key = key
                 shutil.copyfile(hdri_path, self.job_json.parent / "hdri.exr")
                 timings["gbuffer_ms"] = (time.perf_counter() - started) * 1e3
-                self.shading.start(passes, hdri_path, job_json=self.job_json, timings=timings, backdrop=backdrop)
+                self.shading.start(passes, hdri_bytes, job_json=self.job_json, timings=timings, backdrop=backdrop)
                 change = "gbuffer"
             else:
-                self.shading.start(passes, hdri_path, timings=timings, backdrop=backdrop)
+                self.shading.start(passes, hdri_bytes, timings=timings, backdrop=backdrop)
                 change = "world"
         except (gbuffer.ExportError, client.ServiceError) as exc:
             self.last_error = str(exc)

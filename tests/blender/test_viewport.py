@@ -129,6 +129,7 @@ def test_changes_are_shaded_progressively_and_relit_in_proportion(open_fixture, 
         third = shaded(state)
         assert abs(third[..., :3].sum() / first[..., :3].sum() - 1) < 0.02
         assert state.shading.passes_done == 2
+        assert [p.name for p in state.workdir.glob("world*")] == ["world.exr"]  # one file for all the worlds
         assert viewport.timing_text(state.shading.timings).startswith("PBNDS pass 2: ")
     finally:
         state.free()
