@@ -8,14 +8,13 @@ Esc cancels the service job) -> Combined, "Unshadowed", "Shadow" and "Lights" pa
 import hashlib
 import json
 import shutil
-import sys
 import tempfile
 import traceback
 
 import bpy
 import numpy as np
 
-from . import client, compat, compositor, gbuffer, lights, preferences, service_process, world
+from . import client, compositor, gbuffer, lights, preferences, service_process, world
 
 # The engine's own passes: name, channel count, channel ids, type. They reach the compositor's
 # Render Layers node and the multilayer EXR like Cycles' passes.
@@ -45,8 +44,6 @@ def scene_client(scene):
 
 def render(engine, depsgraph):
     """Render one frame; every failure becomes a report and a black result, never a traceback."""
-    # The engine class lives in the add-on package: its unregister() lets a bpy 4.x wheel process exit
-    compat.unregister_at_exit(type(engine), sys.modules[type(engine).__module__].unregister)
     scene = depsgraph.scene
     width, height = engine.resolution_x, engine.resolution_y
     for name, channels, chan_id, _ in PASSES:

@@ -28,7 +28,8 @@ PARTS = (("gbuffer_ms", "G-buffer render"), ("world_ms", "world capture"), ("upl
 
 
 def measure(scene, svc, size, scale, changes):
-    """Rows {pass, part medians, "to_image_ms"} for `changes` world changes after one G-buffer change."""
+    """[(change kind, [(pass, timings, ms from the change to its image)])] for one G-buffer change, then
+    `changes` world changes."""
     scene.pbnds.viewport_scale = scale
     arrivals = []
     state = viewport.ViewportState(svc, lambda: arrivals.append((time.perf_counter(), dict(state.shading.timings))))

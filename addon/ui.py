@@ -2,7 +2,7 @@
 
 import bpy
 
-from . import hdri_browser, operators
+from . import hdri_browser, operators, viewport
 
 ENGINE = "PBNDS"
 
@@ -83,15 +83,14 @@ class RENDER_PT_pbnds_viewport(PBNDSRenderPanel, bpy.types.Panel):
     bl_label = "Viewport"
 
     def draw(self, context):
-        from . import viewport
-
         layout = self.layout
         layout.use_property_split = True
         settings = context.scene.pbnds
         layout.prop(settings, "viewport_scale", text="Resolution")
         layout.prop(settings, "viewport_hdri_width", text="HDRI Width")
-        if viewport.status_text():
-            layout.label(text=viewport.status_text())
+        status = viewport.status_text()
+        if status:
+            layout.label(text=status)
 
 
 class RENDER_PT_pbnds_cycles(bpy.types.Panel):

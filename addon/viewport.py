@@ -305,15 +305,13 @@ def view_draw(render_engine, context, depsgraph):
     region, view = context.region, context.region_data
     if state.set_view(view.view_matrix, view.window_matrix, region.width, region.height):
         _schedule(render_engine, context.scene.name)
-    started = time.perf_counter()
     image, error = state.draw_arrays()
     if image is not None:
+        started = time.perf_counter()
         _draw_image(render_engine, context.scene, image, region.width, region.height)
+        _last_status["text"] = timing_text({**state.shading.timings, "draw_ms": (time.perf_counter() - started) * 1e3})
     if error:
         render_engine.update_stats("", f"PBNDS: {error}")
-    state.shading.timings["draw_ms"] = (time.perf_counter() - started) * 1e3
-    if state.shading.timings:
-        _last_status["text"] = timing_text(state.shading.timings)
 
 
 def _state(render_engine, context):
@@ -352,10 +350,15 @@ def _draw_image(render_engine, scene, image, width, height):
     import gpu
     from gpu_extras.presets import draw_texture_2d
 
-    h, w = image.shape[:2]
-    pixels = np.ascontiguousarray(image[::-1], np.float32)  # GPU textures are bottom row first
-    texture = gpu.types.GPUTexture((w, h), format="RGBA16F",
-                                   data=gpu.types.Buffer("FLOAT", w * h * 4, pixels.ravel()))
+    shown = getattr(render_engine, "pbnds_texture", (None, None))
+    if shown[0] is image:  # redraws of the same image (the view moved, the region was exposed): no upload
+        texture = shown[1]
+    else:
+        h, w = image.shape[:2]
+        pixels = np.ascontiguousarray(image[::-1], np.float32)  # GPU textures are bottom row first
+        texture = gpu.types.GPUTexture((w, h), format="RGBA16F",
+                                       data=gpu.types.Buffer("FLOAT", w * h * 4, pixels.ravel()))
+        render_engine.pbnds_texture = (image, texture)
     gpu.state.blend_set("ALPHA_PREMULT")
     render_engine.bind_display_space_shader(scene)
     draw_texture_2d(texture, (0, 0), width, height)

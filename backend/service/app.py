@@ -74,7 +74,7 @@ def requested_layers(layers: str | None) -> tuple[str, ...]:
         return RESULT_ARRAYS
     names = tuple(name.strip() for name in layers.split(","))
     unknown = [name for name in names if name not in RESULT_ARRAYS]
-    if unknown or not names:
+    if unknown:
         raise JobError(f"unknown result layer(s) {unknown}; known: {', '.join(RESULT_ARRAYS)}")
     return names
 
