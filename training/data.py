@@ -11,8 +11,8 @@ Every Sample carries its scene family (``Sample.family``, scored per family by `
 "family" key of the scene folder's scene.json, "ground" for datasets made before families existed,
 "blendervault" for `pbnds export` folders and MaterialFusion's layout.
 
-Ground truth is masked with the G-buffer mask (the denoiser bleeds a faint glow into the
-background) and clipped at 0 (the denoiser can undershoot by ~1e-4); nothing else is changed.
+Ground truth is masked with the G-buffer mask (it is rendered with the world behind the objects)
+and clipped at 0 (the denoiser can undershoot by ~1e-4); nothing else is changed.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Sample:
     scene: str  # scene folder name (splits are by scene)
     split: str
     job: Job  # G-buffer, HDRI, camera loaded (backend.jobformat.load_job)
-    gt_full: np.ndarray  # (H, W, 3) float32 linear Cycles render (background 0)
+    gt_full: np.ndarray  # (H, W, 3) float32 linear Cycles render (background zeroed)
     gt_unshadowed: np.ndarray | None  # (H, W, 3) shadow-free Cycles render, None if the source has none
     hdri: str | None  # HDRI file name (or "sky"/"gradient"/... for procedural worlds)
     rotation_z: float
