@@ -12,6 +12,7 @@ import time
 from contextlib import asynccontextmanager
 
 import numpy as np
+import torch
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -138,7 +139,8 @@ def create_app(manager: JobManager, *, token: str, max_body: int, max_pixels: in
         """?nonce=<16-128 of A-Z a-z 0-9 _ -> adds "proof": HMAC-SHA256(token, nonce) in hex."""
         queued, running = manager.counts()
         reply = {"status": "ok", "version": __version__, "api": API_VERSION, "device": str(renderer.device),
-                 "model": default_model, "queue_length": queued, "running": running}
+                 "model": default_model, "threads": torch.get_num_threads(), "queue_length": queued,
+                 "running": running}
         if nonce is not None:
             if not NONCE.match(nonce):
                 raise JobError("query parameter 'nonce' must be 16 to 128 characters of A-Z, a-z, 0-9, _ and -")

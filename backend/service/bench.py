@@ -33,6 +33,8 @@ def add_parser(commands) -> None:
     bench.add_argument("--repeat", type=int, default=3, help="runs per size; medians are reported (default 3)")
     bench.add_argument("--relight", default="256x256:256", help="WIDTHxHEIGHT:RAYS of the relight round trips "
                        "(stratified rays, served from the relight cache; empty: none) (default 256x256:256)")
+    bench.add_argument("--threads", type=int, help="torch CPU threads of the service (default: torch's own choice); "
+                       "stated in the report")
     bench.add_argument("--output", type=Path, default=ROOT / "docs" / "service-benchmark.md")
     bench.set_defaults(handler=cmd_bench)
 
@@ -85,8 +87,9 @@ def server_timing(headers) -> float:
 def start_service(folder: Path, args: argparse.Namespace) -> tuple[subprocess.Popen, dict]:
     service_file = folder / "service.json"
     env = dict(os.environ, PBNDS_SERVICE_FILE=str(service_file))
+    threads = [] if args.threads is None else ["--threads", str(args.threads)]
     process = subprocess.Popen([sys.executable, "-m", "backend.cli", "serve", "--port", "0", "--device", args.device,
-                                "--model", args.model], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                "--model", args.model, *threads], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                                stderr=open(folder / "service.log", "wb"))
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -191,7 +194,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     machine = {"cpu": cpu_name(), "cores": os.cpu_count(),
                "python": platform.python_version(), "torch": torch.__version__, "pbnds": __version__,
                "device": health["device"], "model": health["model"],
-               "torch threads": os.environ.get("OMP_NUM_THREADS", "torch's default"),
+               "torch threads": f"{health['threads']} ({'--threads' if args.threads else 'torch default'})",
                "load average at the end": "{:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg())}
     kept = args.output.read_text().partition(ANALYSIS)[2] if args.output.exists() else ""
     args.output.write_text(report(rows, machine, relight) + (f"\n{ANALYSIS}{kept}" if kept else ""))

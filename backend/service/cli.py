@@ -33,6 +33,8 @@ def add_parser(commands) -> None:
                        "per pixel and ray; relights with uniform, stratified or cosine rays reuse them) (default 2048)")
     serve.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                        help="hidden-layer matrix products of the default shader (default fp32; docs/performance.md)")
+    serve.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice); /v1/health "
+                       "reports the number in use")
     serve.add_argument("--compile", action="store_true", help="torch.compile the fast shading path (first job "
                        "compiles; falls back to eager where it cannot)")
     serve.add_argument("--triton", action="store_true", help="fused Triton kernel for shared ray sets on CUDA "

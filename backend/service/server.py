@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import h11
+import torch
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -141,7 +142,11 @@ def serve(args: argparse.Namespace) -> int:
     for name in ("port", "queue_size", "max_upload_mb", "keep_jobs", "keep_gbuffers", "max_pixels", "max_connections"):
         if getattr(args, name) < (0 if name == "port" else 1):
             raise ValueError(f"--{name.replace('_', '-')} must be {'non-negative' if name == 'port' else 'positive'}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError("--threads must be positive")
     logs.setup()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     renderer = Renderer(args.device, Options(model=args.model), precision=getattr(args, "precision", "fp32"),
                         compile=getattr(args, "compile", False), triton=getattr(args, "triton", False))
     renderer.model(args.model)  # load once now: a bad model fails here, not in the first job
@@ -153,7 +158,8 @@ def serve(args: argparse.Namespace) -> int:
     host = f"[{args.host}]" if ":" in args.host else args.host
     info = {"url": f"http://{host}:{sock.getsockname()[1]}", "token": token, "pid": os.getpid(),
             "version": __version__}
-    logs.event("service.starting", device=str(renderer.device), model=args.model, url=info["url"])
+    logs.event("service.starting", device=str(renderer.device), model=args.model, url=info["url"],
+               threads=torch.get_num_threads())
     app = create_app(manager, token=token, max_body=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
                      allow_remote=args.allow_remote)
     protocol = type("ServiceProtocol", (GuardedH11Protocol,), {"max_connections": args.max_connections})

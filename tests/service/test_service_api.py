@@ -38,7 +38,7 @@ def test_health_needs_no_token_and_models_list_the_default(service, client):
 
     health = httpx.get(service.url + "/v1/health").json()
     assert health["status"] == "ok" and health["api"] == 1 and health["device"] == "cpu"
-    assert health["model"] == "default"
+    assert health["model"] == "default" and health["threads"] >= 1
     models = client.get("/v1/models").json()
     assert models["default"] == "default"
     assert {"default", "lambert", "ggx"} <= {m["name"] for m in models["models"]}

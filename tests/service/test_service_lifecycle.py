@@ -52,9 +52,10 @@ def test_full_queue_is_503_with_retry_after_and_allow_remote_accepts_any_host(sm
 
 
 def test_sigterm_cancels_the_running_job_and_removes_the_discovery_file(tmp_path):
-    svc = start_service(tmp_path / "svc")
+    svc = start_service(tmp_path / "svc", "--threads", "1")
     try:
         with svc.client() as http:
+            assert http.get("/v1/health").json()["threads"] == 1  # --threads reached torch
             job_id = submit(http, job_files(slow_job(), tmp_path / "slow"))
             wait(http, job_id, until=("running",))
         svc.process.send_signal(signal.SIGTERM)
