@@ -50,7 +50,8 @@ def test_denoised_silhouettes_keep_their_brightness(tmp_path, open_fixture):
               "gbuffer_samples": 1, "hdri_width": 64, "seed": 3}
     images = {}
     for denoise in (True, False):
-        index = json.loads(dataset.export_dataset(scene, tmp_path / str(denoise), denoise=denoise, **kwargs).read_text())
+        index_path = dataset.export_dataset(scene, tmp_path / str(denoise), denoise=denoise, **kwargs)
+        index = json.loads(index_path.read_text())
         sample = index["samples"][0]
         images[denoise] = read_exr(tmp_path / str(denoise) / sample["gt_full"])[""].sum(axis=-1)
     mask = read_exr(tmp_path / "True" / sample["name"] / "gbuffer.exr")["mask"] > 0
