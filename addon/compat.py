@@ -15,7 +15,7 @@ The rest of the add-on calls these instead of testing versions itself:
   ``<base_path><frame>.exr`` (one part, channels ``<layer>.<channel>``).
 - RNA: ``Property.is_deprecated`` is new in 5.0.
 - node trees: 5.0 materials and worlds always have one; 4.x ones made in Python need ``use_nodes``.
-- Render Layers node: the Ambient Occlusion pass output is ``AO`` in 4.x.
+- Render Layers node: the Ambient Occlusion and Environment pass outputs are ``AO`` and ``Env`` in 4.x.
 - Nishita sky: `'NISHITA'` in 4.x is 5.0's `'SINGLE_SCATTERING'` (5.0 adds `'MULTIPLE_SCATTERING'`, its default).
 - exit of the bpy 4.x wheel: a process that still has a class with Python methods registered hangs
   after Python's finalization (:func:`unregister_at_exit`).
@@ -28,7 +28,8 @@ from pathlib import Path
 import bpy
 
 BLENDER_5 = bpy.app.version >= (5, 0, 0)
-AO_OUTPUT = "Ambient Occlusion" if BLENDER_5 else "AO"  # the Render Layers node's output
+AO_OUTPUT = "Ambient Occlusion" if BLENDER_5 else "AO"  # the Render Layers node's outputs
+ENVIRONMENT_OUTPUT = "Environment" if BLENDER_5 else "Env"
 NISHITA_SKY = "SINGLE_SCATTERING" if BLENDER_5 else "NISHITA"
 _MEDIA_TYPES = {"OPEN_EXR_MULTILAYER": "MULTI_LAYER_IMAGE", "FFMPEG": "VIDEO"}
 
@@ -123,8 +124,29 @@ def multilayer_file_output(tree, directory, name, layers):
     return out
 
 
+def image_file_output(tree, directory, name):
+    """A File Output node writing its one colour input as the float32 RGBA EXR ``name`` (not
+    multilayer: Blender's image loader reads its pixels) in ``directory``; the file:
+    :func:`file_output_files`."""
+    out = tree.nodes.new("CompositorNodeOutputFile")
+    set_file_format(out.format, "OPEN_EXR")
+    out.format.color_mode = "RGBA"
+    out.format.color_depth = "32"
+    out.format.exr_codec = "ZIP"
+    if BLENDER_5:
+        out.directory = str(directory) + os.sep
+        out.file_name = ""
+        out.file_output_items.new("RGBA", name)
+    else:
+        out.base_path = str(directory) + os.sep
+        out.file_slots.clear()
+        out.file_slots.new(name)
+    return out
+
+
 def file_output_files(directory, name):
-    """The files a :func:`multilayer_file_output` node has written: ``<name>.exr`` in 5.0; in 4.x
-    ``<name><frame>.exr``, the frame being the current one of the scene the render started from."""
+    """The files a :func:`multilayer_file_output` or :func:`image_file_output` node has written:
+    ``<name>.exr`` in 5.0; in 4.x ``<name><frame>.exr``, the frame being the current one of the scene
+    the render started from."""
     pattern = f"{name}.exr" if BLENDER_5 else f"{name}[0-9]*.exr"
     return sorted(Path(directory).glob(pattern))

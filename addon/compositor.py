@@ -31,10 +31,18 @@ def rgba(arrays, name, transparent=False):
 
 
 def add_background(scene, arrays, workdir):
-    """Unless the film is transparent, put the world as the camera sees it into ``arrays`` for rgba()."""
+    """Unless the film is transparent, put the world as the camera sees it into ``arrays`` for rgba().
+
+    It is the G-buffer render's Environment pass where this frame's export wrote one into ``workdir``
+    (export_job's ``background``), else a render of the world (relight-only: the world has changed).
+    """
     if not scene.render.film_transparent:
         height, width = arrays["mask"].shape
-        arrays["background"] = world.render_background(scene, os.path.join(workdir, "background.exr"), width, height)
+        path = os.path.join(workdir, "background.exr")
+        backdrop = world.load_pixels(path) if os.path.exists(path) else None
+        if backdrop is None or backdrop.shape[:2] != (height, width):
+            backdrop = world.render_background(scene, path, width, height)
+        arrays["background"] = backdrop
     return arrays
 
 

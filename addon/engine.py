@@ -116,7 +116,7 @@ def shade(engine, depsgraph, scene, width, height, warnings):
                 f"PBNDS service returned {arrays['shaded'].shape[1]}x{arrays['shaded'].shape[0]} "
                 f"for a {width}x{height} render"
             )
-        engine.update_stats("", "PBNDS: rendering the world behind the objects")
+        engine.update_stats("", "PBNDS: the world behind the objects")
         return compositor.add_background(scene, arrays, workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -138,6 +138,7 @@ def run_job(svc, scene, workdir, settings, width=None, height=None, frame=None, 
         scene, workdir, samples=settings.gbuffer_samples, options=settings.job_options(),
         width=width, height=height, frame=frame, cancel_check=cancel_check,
         progress=part(0.0, "rendering the G-buffer"), warnings=warnings,
+        background=not scene.render.film_transparent,  # compositor.add_background's backdrop
     )
     job_id = svc.submit(job_json)
     svc.wait(job_id, progress=part(0.5, f"shading on {svc.url}"), cancel_check=cancel_check)

@@ -53,15 +53,17 @@ _AOV_LAYERS = (("albedo", "COLOR"), ("specular", "COLOR"), ("roughness", "VALUE"
 
 def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=None, frame=None,
                cancel_check=None, progress=None, hdri_width=512, position=True, warnings=None,
-               shadow_map_size=512):
+               shadow_map_size=512, background=False):
     """Write ``out_dir``/{gbuffer.exr, hdri.exr, job.json} for ``scene``; return the job.json path.
 
     ``width``/``height`` override the render size (else resolution x percentage); ``frame`` the
     scene's current frame. ``cancel_check()`` returning True raises ExportCancelled between steps,
     ``progress(fraction, message)`` reports them. The export's warnings (what the job leaves out,
     addon/lights.py) are appended to the list ``warnings`` when one is given. Each light gets a shadow
-    map of ``shadow_map_size`` pixels (addon/shadowmaps.py; 0: none, its light unshadowed). The scene
-    is left as it was in every case.
+    map of ``shadow_map_size`` pixels (addon/shadowmaps.py; 0: none, its light unshadowed). With
+    ``background`` the render's Environment pass (the world where no surface is hit, 0 elsewhere)
+    is written to ``out_dir``/background.exr too: the backdrop of an opaque film at no extra render
+    (not part of the job). The scene is left as it was in every case.
     """
     out_dir = Path(out_dir).resolve()
 
@@ -80,16 +82,19 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
         temp = temporary_copy(scene, "PBNDS G-buffer")
         view_layer = _setup_render(temp, scene, width, height, samples, frame)
         _setup_materials()
-        _setup_compositor(temp, view_layer, out_dir, position)
+        _setup_compositor(temp, view_layer, out_dir, position, background)
         matrices = camera_matrices(temp, view_layer, width, height)
         job_lights, light_warnings = lights.export_lights(temp, view_layer.depsgraph)
         step(0.1, "Rendering G-buffer")
-        stale = [*compat.file_output_files(out_dir, "gbuffer"), *out_dir.glob("shadow_*.exr")]
-        for path in ["job.json", "gbuffer.exr", *stale]:  # never mix two exports
+        outputs = ("gbuffer", "background")
+        stale = [written for name in outputs for written in compat.file_output_files(out_dir, name)]
+        # never mix two exports
+        for path in ["job.json", *(f"{name}.exr" for name in outputs), *stale, *out_dir.glob("shadow_*.exr")]:
             _remove(out_dir / path)
         bpy.ops.render.render(write_still=False, scene=temp.name)
-        for written in compat.file_output_files(out_dir, "gbuffer"):
-            os.replace(written, out_dir / "gbuffer.exr")
+        for name in outputs:
+            for written in compat.file_output_files(out_dir, name):
+                os.replace(written, out_dir / f"{name}.exr")
         if not (out_dir / "gbuffer.exr").exists():
             raise ExportError(f"the G-buffer render of scene '{scene.name}' wrote no {out_dir / 'gbuffer.exr'}")
         step(0.7, "Capturing the world HDRI and its suns")
@@ -334,7 +339,7 @@ def _setup_materials():
 
 # --- compositor ----------------------------------------------------------------------------------
 
-def _setup_compositor(temp, view_layer, out_dir, position):
+def _setup_compositor(temp, view_layer, out_dir, position, background):
     tree = compat.compositor_tree(temp, "PBNDS G-buffer Output")
     temp.render.use_compositing = True
     layers = tree.nodes.new("CompositorNodeRLayers")
@@ -355,6 +360,10 @@ def _setup_compositor(temp, view_layer, out_dir, position):
             tree.links.new(socket, grey.inputs[0])
             socket = grey.outputs[0]
         tree.links.new(socket, out.inputs[name])
+    if background:
+        view_layer.use_pass_environment = True
+        backdrop = compat.image_file_output(tree, out_dir, "background")
+        tree.links.new(layers.outputs[compat.ENVIRONMENT_OUTPUT], backdrop.inputs[0])
 
 
 def _normalized(tree, socket):

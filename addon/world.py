@@ -254,6 +254,15 @@ def _mapping_z_rotation(mapping):
     return rz if mapping.vector_type == "POINT" else -rz
 
 
+def load_pixels(path):
+    """Top-row-first float32 (H, W, 3) pixels of an image file, through Blender's image loader."""
+    image = bpy.data.images.load(str(path))
+    try:
+        return _image_pixels(image)
+    finally:
+        bpy.data.images.remove(image)
+
+
 def _image_pixels(image):
     """Top-row-first float32 (H, W, 3) pixels of a Blender image, or None if it has none."""
     w, h = image.size
@@ -393,9 +402,7 @@ def _render_world(scene, path, width, height, samples, camera, pixel_filter=("BO
         temp.camera = cam
         path.parent.mkdir(parents=True, exist_ok=True)
         bpy.ops.render.render(write_still=True, scene=temp.name)
-        capture = bpy.data.images.load(render.filepath)
         try:
-            return _image_pixels(capture)
+            return load_pixels(render.filepath)
         finally:
-            bpy.data.images.remove(capture)
             os.remove(render.filepath)

@@ -22,7 +22,7 @@ def spheres_job(tmp_path_factory):
     bpy.ops.wm.open_mainfile(filepath=str(fixture("spheres")))
     out = tmp_path_factory.mktemp("spheres_job")
     path = gbuffer.export_job(bpy.context.scene, out, samples=4, width=SIZE, height=SIZE, hdri_width=64,
-                              options={"rays": 64})
+                              options={"rays": 64}, background=True)
     job = json.loads(path.read_text())
     return path, job, read_exr(out / "gbuffer.exr")
 
@@ -63,6 +63,23 @@ def test_job_json_and_layers(spheres_job):
         assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1, name
     length = np.linalg.norm(layers["normal"][fg], axis=-1)
     assert np.abs(length - 1).max() < 1e-2
+
+
+def test_backdrop_is_the_world_cycles_renders(spheres_job, tmp_path):
+    """background.exr (the G-buffer render's Environment pass) against a Cycles render of the world alone."""
+    from addon import world
+
+    path, _, layers = spheres_job
+    backdrop = world.load_pixels(path.parent / "background.exr")
+    reference = world.render_background(bpy.context.scene, tmp_path / "world.exr", SIZE, SIZE, samples=16)
+    mask = layers["mask"] > 0
+    assert np.abs(backdrop[mask]).max() == 0  # no world where a surface is hit
+    sky = ~mask
+    for _ in range(2):  # the reference's 1.5-pixel filter blends the spheres into their neighbours
+        sky[1:-1, 1:-1] &= sky[:-2, 1:-1] & sky[2:, 1:-1] & sky[1:-1, :-2] & sky[1:-1, 2:]
+    assert sky.sum() > 200
+    assert backdrop[sky].mean() == pytest.approx(reference[sky].mean(), rel=0.02)
+    assert np.median(np.abs(backdrop[sky] / reference[sky] - 1)) < 0.05
 
 
 def test_backend_reads_the_job(spheres_job):
