@@ -123,7 +123,7 @@ def export_file(task: dict) -> dict:
     (folder / "export.json").write_text(json.dumps({"blend": str(path), **report, "lightings": lightings}, indent=1))
     render = task["render"]
     dataset.export_dataset(scene, folder, views=task["views"], hdris=worlds, width=render["size"],
-                           height=render["size"], gt_samples=render["gt_samples"],
+                           height=render["size"], gt_samples=render["gt_samples"], denoise=render["denoise"],
                            gbuffer_samples=render["gbuffer_samples"], seed=task["seed"],
                            hdri_width=render["hdri_width"], low_samples=task["low_samples"])
     return {"ok": True, "rendered": task["samples"]}

@@ -22,6 +22,7 @@ finished scenes only, so a partial dataset loads. ``READY`` is written when ever
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -69,7 +70,10 @@ def add_parser(commands) -> None:
 
 def add_render_arguments(parser) -> None:
     parser.add_argument("--size", type=int, default=128, help="image width and height (default 128)")
-    parser.add_argument("--gt-samples", type=int, default=64, help="Cycles samples of the ground truth (denoised)")
+    parser.add_argument("--gt-samples", type=int, default=64, help="Cycles samples of the ground truth (default 64)")
+    parser.add_argument("--denoise", action=argparse.BooleanOptionalAction, default=True,
+                        help="denoise the ground truth with OpenImageDenoise (default on; docs/dataset.md says when "
+                        "more samples without it are the better reference)")
     parser.add_argument("--gbuffer-samples", type=int, default=4)
     parser.add_argument("--low-samples", default="1,4",
                         help="Cycles+OIDN sample counts rendered (timed) for test/relight ('' for none)")
@@ -80,7 +84,8 @@ def add_render_arguments(parser) -> None:
 
 
 def render_settings(args) -> dict:
-    return {"size": args.size, "gt_samples": args.gt_samples, "gbuffer_samples": args.gbuffer_samples,
+    return {"size": args.size, "gt_samples": args.gt_samples, "denoise": args.denoise,
+            "gbuffer_samples": args.gbuffer_samples,
             "hdri_width": args.hdri_width, "threads": max(1, (os.cpu_count() or 1) // max(1, args.workers)),
             "low_samples": [int(n) for n in args.low_samples.split(",") if n.strip()]}
 
@@ -382,7 +387,7 @@ def _render_scene(task: dict) -> dict:
     (folder / "scene.json").write_text(json.dumps({**description, "lightings": lightings}, indent=1))
     before = _finished(folder)
     dataset.export_dataset(scene, folder, views=task["views"], hdris=worlds, width=render["size"],
-                           height=render["size"], gt_samples=render["gt_samples"],
+                           height=render["size"], gt_samples=render["gt_samples"], denoise=render["denoise"],
                            gbuffer_samples=render["gbuffer_samples"], seed=task["scene_seed"],
                            hdri_width=render["hdri_width"], low_samples=task["low_samples"], sequence=sequence,
                            orbit=orbit)
