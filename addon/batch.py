@@ -10,6 +10,7 @@ Exits non-zero when any frame failed.
 """
 
 import argparse
+import contextlib
 import importlib
 import os
 import pathlib
@@ -113,22 +114,37 @@ def render_cycles_reference(scene, samples, png_path):
         bpy.ops.render.render(write_still=True, scene=scene.name)
 
 
-def render_frame(svc, scene, frame, args, exr_path, png_path):
+@contextlib.contextmanager
+def _timed(timings, name):
+    started = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - started
+
+
+def render_frame(svc, scene, frame, args, exr_path, png_path, timings):
+    """Render one frame to `exr_path` and `png_path`; the seconds of each part go into the dict `timings`."""
     job_dir = args.out / "jobs" / f"frame_{frame:04d}" if args.keep_jobs else None
     workdir = str(job_dir) if job_dir else tempfile.mkdtemp(prefix="pbnds-job-")
     try:
         os.makedirs(workdir, exist_ok=True)
         scene.frame_set(frame)  # evaluate the animation here, as Blender's own animation render does
         warnings = []
-        job_id, job_json = engine.run_job(svc, scene, workdir, scene.pbnds, frame=frame, warnings=warnings)
+        job_id, job_json = engine.run_job(svc, scene, workdir, scene.pbnds, frame=frame, warnings=warnings,
+                                          timings=timings)
         for message in warnings:
             print(f"pbnds batch: frame {frame}: warning: {message}", file=sys.stderr, flush=True)
         if job_dir:
             svc.result_exr(job_id, job_dir / "result.exr")
-        arrays = compositor.add_background(scene, svc.result_arrays(job_id), workdir)
-        save_outputs(scene, arrays, exr_path, png_path)
+        with _timed(timings, "download"):
+            arrays = svc.result_arrays(job_id)
+        with _timed(timings, "backdrop"):
+            compositor.add_background(scene, arrays, workdir)
+        with _timed(timings, "save"):
+            save_outputs(scene, arrays, exr_path, png_path)
         if args.cycles_reference:
-            render_cycles_reference(scene, args.cycles_reference, png_path.with_name(f"frame_{frame:04d}_cycles.png"))
+            with _timed(timings, "Cycles reference"):
+                render_cycles_reference(scene, args.cycles_reference,
+                                        png_path.with_name(f"frame_{frame:04d}_cycles.png"))
     finally:
         if not job_dir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -161,16 +177,18 @@ def run(args):
                 results.append((frame, "skipped", 0.0, "outputs exist"))
                 continue
             start = time.monotonic()
+            timings = {}
             try:
-                render_frame(svc, scene, frame, args, exr_path, png_path)
+                render_frame(svc, scene, frame, args, exr_path, png_path, timings)
             except (client.ServiceError, gbuffer.ExportError, OSError) as exc:
                 results.append((frame, "failed", time.monotonic() - start, str(exc)))
             except Exception as exc:  # noqa: BLE001 - one broken frame must not stop the others
                 results.append((frame, "failed", time.monotonic() - start, f"{type(exc).__name__}: {exc}"))
             else:
                 results.append((frame, "done", time.monotonic() - start, str(exr_path)))
-            print(f"pbnds batch: frame {frame}: {results[-1][1]} ({results[-1][2]:.1f} s) {results[-1][3]}",
-                  flush=True)
+            _, status, seconds, detail = results[-1]
+            parts = "".join(f", {name} {part:.1f}" for name, part in timings.items())
+            print(f"pbnds batch: frame {frame}: {status} ({seconds:.1f} s{parts}) {detail}", flush=True)
     finally:
         if args.start_service:
             service_process.stop_started()

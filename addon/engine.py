@@ -9,6 +9,7 @@ import hashlib
 import json
 import shutil
 import tempfile
+import time
 import traceback
 
 import bpy
@@ -123,25 +124,31 @@ def shade(engine, depsgraph, scene, width, height, warnings):
 
 
 def run_job(svc, scene, workdir, settings, width=None, height=None, frame=None, cancel_check=None,
-            progress=None, warnings=None):
+            progress=None, warnings=None, timings=None):
     """Export the frame's job into `workdir`, shade it on `svc` and wait; returns (job id, job.json).
 
     `settings` is scene.pbnds; `progress(fraction, message)` runs 0..0.5 over the export and
-    0.5..1 over the shading; the export's warnings are appended to the list `warnings` if given.
+    0.5..1 over the shading; the export's warnings are appended to the list `warnings` if given;
+    the seconds of the export ("G-buffer") and of the service's part ("service": upload, queue,
+    shading) go into the dict `timings` if given.
     """
     def part(offset, default_message):
         if progress is None:
             return None
         return lambda f, message=default_message: progress(offset + 0.5 * f, message)
 
+    started = time.perf_counter()
     job_json = gbuffer.export_job(
         scene, workdir, samples=settings.gbuffer_samples, options=settings.job_options(),
         width=width, height=height, frame=frame, cancel_check=cancel_check,
         progress=part(0.0, "rendering the G-buffer"), warnings=warnings,
         background=not scene.render.film_transparent,  # compositor.add_background's backdrop
     )
+    exported = time.perf_counter()
     job_id = svc.submit(job_json)
     svc.wait(job_id, progress=part(0.5, f"shading on {svc.url}"), cancel_check=cancel_check)
+    if timings is not None:
+        timings.update({"G-buffer": exported - started, "service": time.perf_counter() - exported})
     return job_id, job_json
 
 

@@ -2,6 +2,7 @@
 service_process): F12 through the PBNDS engine, relight-only, and the batch script in both modes."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -93,6 +94,9 @@ def test_batch_module_mode_resumes(service, tiny_blend, tmp_path):
     """, tiny_blend, *batch_args(out, "--keep-jobs"), check=False, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 done, 0 skipped, 0 failed" in proc.stdout
+    # each frame's line says where its time went
+    assert re.search(r"frame 1: done \([\d.]+ s, G-buffer [\d.]+, service [\d.]+, download [\d.]+, "
+                     r"backdrop [\d.]+, save [\d.]+\)", proc.stdout), proc.stdout
     for frame in (1, 2):
         assert (out / f"frame_{frame:04d}.exr").stat().st_size > 0
         assert (out / f"frame_{frame:04d}.png").stat().st_size > 0
