@@ -1,8 +1,8 @@
-"""The Blender API differences between 5.0 and 4.5 LTS, one helper each (docs/addon.md, Blender versions).
+"""The Blender API differences between 5.0, 4.5 LTS and 4.2 LTS, one helper each (docs/addon.md,
+Blender versions).
 
-The manifest requires 4.5 (blender_version_min): the add-on's tests pass on the bpy 4.5.15 and 5.0.1
-wheels through these helpers. 4.2 also lacks the compositor's Vector Math node and ``Light.exposure``,
-and crashes in the tests.
+The manifest requires 4.2 (blender_version_min): the add-on's tests pass on the bpy 4.2.23, 4.5.15
+and 5.0.1 wheels through these helpers.
 
 The rest of the add-on calls these instead of testing versions itself:
 - image format: 5.0 chooses a ``media_type`` (image, multilayer, video) before the ``file_format``;
@@ -17,8 +17,15 @@ The rest of the add-on calls these instead of testing versions itself:
 - node trees: 5.0 materials and worlds always have one; 4.x ones made in Python need ``use_nodes``.
 - Render Layers node: the Ambient Occlusion and Environment pass outputs are ``AO`` and ``Env`` in 4.x.
 - Nishita sky: `'NISHITA'` in 4.x is 5.0's `'SINGLE_SCATTERING'` (5.0 adds `'MULTIPLE_SCATTERING'`, its default).
+- compositor Vector Math node: new in 4.5; 4.2 normalises a vector with Separate XYZ, Math and Combine
+  XYZ nodes (:func:`normalized`).
+- lights: ``exposure``, ``use_temperature``/``temperature_color`` and the area light's ``normalize``
+  are new in 4.5; a 4.2 light has no exposure factor, no temperature colour and a normalised area
+  (:func:`light_exposure`, :func:`light_temperature_colour`, :func:`area_normalize`).
 - exit of the bpy 4.x wheel: a process that still has a class with Python methods registered hangs
-  after Python's finalization (:func:`unregister_at_exit`).
+  (4.5) or crashes (4.2) after Python's finalization (:func:`unregister_at_exit`); on 4.2 also one whose
+  PropertyGroup classes were unregistered, as unregistering leaks them (emptied at exit:
+  :func:`_empty_unregistered_property_groups`).
 """
 
 import atexit
@@ -31,6 +38,8 @@ BLENDER_5 = bpy.app.version >= (5, 0, 0)
 AO_OUTPUT = "Ambient Occlusion" if BLENDER_5 else "AO"  # the Render Layers node's outputs
 ENVIRONMENT_OUTPUT = "Environment" if BLENDER_5 else "Env"
 NISHITA_SKY = "SINGLE_SCATTERING" if BLENDER_5 else "NISHITA"
+COMPOSITOR_VECTOR_MATH = bpy.app.version >= (4, 5, 0)
+LEAKS_PROPERTY_GROUPS = bpy.app.version < (4, 5, 0)  # unregister_class keeps a reference (4.2)
 _MEDIA_TYPES = {"OPEN_EXR_MULTILAYER": "MULTI_LAYER_IMAGE", "FFMPEG": "VIDEO"}
 
 
@@ -44,8 +53,9 @@ def unregister_at_exit(cls, unregister):
     That bpy never exits while a registered class with Python methods keeps it alive through Python's
     finalization: the C++ destructor of its sound module's global state then destroys the condition
     variable its delayed device-close thread still waits on, and ``exit()`` blocks in
-    ``pthread_cond_destroy`` forever (seen on 4.5.15; 5.0.1 exits). 5.0 and Blender: no-op. One hook
-    per class, however often this is called.
+    ``pthread_cond_destroy`` forever (seen on 4.5.15; 5.0.1 exits). 4.2.23 segfaults there instead
+    (see :func:`_empty_unregistered_property_groups`). 5.0 and Blender: no-op. One hook per class,
+    however often this is called.
     """
     if BLENDER_5 or bpy.app.binary_path or cls in _EXIT_HOOKS:
         return
@@ -59,6 +69,36 @@ def unregister_at_exit(cls, unregister):
     atexit.register(release)
 
 
+def _empty_unregistered_property_groups():
+    """At exit of a bpy 4.2 module process: empty every unregistered Python PropertyGroup class.
+
+    bpy 4.2's ``unregister_class`` of a PropertyGroup leaks one reference to the class (4.5 does not:
+    ``sys.getrefcount`` before/after). The class outlives Python's finalization and with it its functions
+    (methods, the get/set/items callbacks of its properties), whose module globals hold ``bpy``: the bpy
+    module is never freed, so its free function never runs Blender's exit (gdb: ``main_python_exit`` /
+    ``WM_exit_ex`` not reached), and the C++ static destructors of the space types then free Blender's
+    Python UI classes with Python gone: a segfault in ``bpy_class_free`` -> ``PyGILState_Ensure``. A
+    process that had registered and unregistered the add-on crashed so. Emptied, the class holds nothing.
+    Registered at import, so it runs after the :func:`unregister_at_exit` hooks (atexit runs last first).
+    """
+    pending = list(bpy.types.PropertyGroup.__subclasses__())
+    while pending:
+        cls = pending.pop()
+        pending += cls.__subclasses__()
+        if cls.is_registered:
+            continue
+        for name in list(vars(cls)):
+            if name not in {"__module__", "__qualname__", "__doc__", "__dict__", "__weakref__"}:
+                try:
+                    delattr(cls, name)
+                except (AttributeError, TypeError):
+                    pass
+
+
+if LEAKS_PROPERTY_GROUPS and not bpy.app.binary_path:
+    atexit.register(_empty_unregistered_property_groups)
+
+
 def set_file_format(settings, file_format):
     """Set ``settings.file_format`` (ImageFormatSettings), with 5.0's matching media type first."""
     if BLENDER_5:
@@ -69,6 +109,57 @@ def set_file_format(settings, file_format):
 def is_deprecated(prop):
     """Whether an RNA property is deprecated (5.0 flags them; 4.x has no flag: none)."""
     return getattr(prop, "is_deprecated", False)
+
+
+def light_exposure(light):
+    """A light's exposure (its strength x 2^exposure); 4.2 lights have none: 0."""
+    return getattr(light, "exposure", 0.0)
+
+
+def light_temperature_colour(light):
+    """The factor of a light's colour from its temperature: the temperature colour where Use
+    Temperature is on, else white; 4.2 lights have no temperature: white."""
+    if getattr(light, "use_temperature", False):
+        return tuple(light.temperature_color)
+    return (1.0, 1.0, 1.0)
+
+
+def area_normalize(light):
+    """Whether an area light's power is spread over its area (Normalize, the default); 4.2 has no
+    such option and always spreads it."""
+    return getattr(light, "normalize", True)
+
+
+def normalized(tree, socket):
+    """``socket``'s vector scaled to unit length by nodes in the compositor ``tree`` (zero stays zero):
+    the output socket. 4.5+: a Vector Math Normalize node; 4.2 (no vector math in its compositor):
+    v / sqrt(x^2 + y^2 + z^2) by Separate XYZ, Math and Combine XYZ nodes (Math's Divide gives 0 for 0).
+    """
+    if COMPOSITOR_VECTOR_MATH:
+        node = tree.nodes.new("ShaderNodeVectorMath")
+        node.operation = "NORMALIZE"
+        tree.links.new(socket, node.inputs[0])
+        return node.outputs["Vector"]
+
+    def math(operation, a, b):
+        node = tree.nodes.new("CompositorNodeMath")
+        node.operation = operation
+        tree.links.new(a, node.inputs[0])
+        if isinstance(b, float):
+            node.inputs[1].default_value = b
+        else:
+            tree.links.new(b, node.inputs[1])
+        return node.outputs[0]
+
+    xyz = tree.nodes.new("CompositorNodeSeparateXYZ")
+    tree.links.new(socket, xyz.inputs[0])
+    x, y, z = xyz.outputs
+    squares = [math("MULTIPLY", c, c) for c in (x, y, z)]
+    length = math("POWER", math("ADD", math("ADD", squares[0], squares[1]), squares[2]), 0.5)
+    unit = tree.nodes.new("CompositorNodeCombineXYZ")
+    for c, out in zip((x, y, z), unit.inputs, strict=True):
+        tree.links.new(math("DIVIDE", c, length), out)
+    return unit.outputs[0]
 
 
 def node_tree(id_block):

@@ -22,9 +22,9 @@ How the G-buffer is made:
   film, position optionally from the Position pass. A compositor File Output node writes them all,
   renamed to the contract's layers, into one float32 multilayer EXR (multi-part from Blender 5.0,
   one part with `<layer>.<channel>` channels in 4.x: the backend reads both). The normal is renormalised on
-  the way (Vector Math Normalize, where the compositor has it: Blender 4.5+): even with the ~0-wide
-  filter, samples of a pixel whose centre lies on an edge average two normals, and the contract
-  wants unit normals.
+  the way (compat.normalized: a Vector Math Normalize node; in 4.2 the same from Separate XYZ, Math
+  and Combine XYZ nodes): even with the ~0-wide filter, samples of a pixel whose centre lies on an
+  edge average two normals, and the contract wants unit normals.
 - lights (version 2): the scene's light objects (addon/lights.py) and the suns of its Sky Textures
   (world.world_suns), at the exported frame. What the job cannot carry (emissive meshes, volumes,
   light linking, ...) is returned as warnings, one per problem and object.
@@ -354,7 +354,7 @@ def _setup_compositor(temp, view_layer, out_dir, position, background):
             raise ExportError(f"the Render Layers node has no '{source}' pass output")
         socket = layers.outputs[source]
         if name == "normal":
-            socket = _normalized(tree, socket)
+            socket = compat.normalized(tree, socket)
         elif socket_type == "FLOAT" and socket.type != "VALUE":  # 4.x: AO is a (grey) colour output
             grey = tree.nodes.new("CompositorNodeRGBToBW")
             tree.links.new(socket, grey.inputs[0])
@@ -364,17 +364,6 @@ def _setup_compositor(temp, view_layer, out_dir, position, background):
         view_layer.use_pass_environment = True
         backdrop = compat.image_file_output(tree, out_dir, "background")
         tree.links.new(layers.outputs[compat.ENVIRONMENT_OUTPUT], backdrop.inputs[0])
-
-
-def _normalized(tree, socket):
-    """``socket`` through a Vector Math Normalize node, or as it is where the compositor lacks one."""
-    try:
-        node = tree.nodes.new("ShaderNodeVectorMath")
-    except RuntimeError:  # Blender < 4.5 compositors have no Vector Math node
-        return socket
-    node.operation = "NORMALIZE"
-    tree.links.new(socket, node.inputs[0])
-    return node.outputs["Vector"]
 
 
 def _remove(path):

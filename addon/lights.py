@@ -1,8 +1,9 @@
 """Blender's light objects as the job's `lights` list (docs/job-format.md, version 2), and warnings.
 
 Units are those Cycles renders (Blender 5.0). Cycles' strength is
-``S = colour x temperature colour (when Use Temperature) x Power x 2^Exposure``, and each
-conversion below was measured against Cycles renders (bpy 5.0.1, a diffuse plane of albedo 0.8,
+``S = colour x temperature colour (when Use Temperature) x Power x 2^Exposure`` (Blender 4.2 lights
+have neither temperature nor exposure, and its area lights are always normalised: addon/compat.py),
+and each conversion below was measured against Cycles renders (bpy 5.0.1, a diffuse plane of albedo 0.8,
 max_bounces 0, black world): the rendered radiance over 1024 pixels divided by albedo / pi x E
 predicted from the exported entry.
 
@@ -38,6 +39,7 @@ import math
 
 import numpy as np
 
+from . import compat
 from .world import source_socket
 
 _SHAPES = {"SQUARE": "rectangle", "RECTANGLE": "rectangle", "DISK": "ellipse", "ELLIPSE": "ellipse"}
@@ -77,10 +79,8 @@ def export_lights(scene, depsgraph):
 
 
 def _strength(light):
-    colour = np.array(light.color, np.float64)
-    if light.use_temperature:
-        colour = colour * np.array(light.temperature_color, np.float64)
-    return colour * light.energy * 2.0 ** light.exposure
+    colour = np.array(light.color, np.float64) * np.array(compat.light_temperature_colour(light), np.float64)
+    return colour * light.energy * 2.0 ** compat.light_exposure(light)
 
 
 def _unit(v):
@@ -131,7 +131,7 @@ def _area_entry(light, axes, position, strength, name):
     size_y = light.size_y if light.shape in {"RECTANGLE", "ELLIPSE"} else light.size
     size = np.array([light.size, size_y]) * scale
     area = size[0] * size[1] * (math.pi / 4 if shape == "ellipse" else 1.0)
-    radiance = strength / (math.pi * area) if light.normalize else strength / math.pi
+    radiance = strength / (math.pi * area) if compat.area_normalize(light) else strength / math.pi
     return {"type": "area", "name": name, "position": position, "axes": [_unit(axes[:, 0]), _unit(axes[:, 1])],
             "normal": _unit(-axes[:, 2]), "size": size.tolist(), "shape": shape, "radiance": radiance.tolist(),
             "spread": float(min(light.spread, math.pi))}

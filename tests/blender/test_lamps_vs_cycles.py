@@ -61,8 +61,24 @@ def plane_scene():
 
 
 def add_light(scene, kind, location=(0, 0, 0), aim=None, scale=(1, 1, 1), **settings):
-    """A light of ``kind``; ``aim`` is a point its -Z axis looks at."""
+    """A light of ``kind``; ``aim`` is a point its -Z axis looks at.
+
+    Blender 4.2 lights have no exposure, temperature or Normalize (area lights are always normalised):
+    there an ``exposure`` goes into the power (the same strength), ``normalize=False`` too (x the area:
+    the same radiance), and the temperature is left out (the light keeps its colour).
+    """
     data = bpy.data.lights.new(f"{kind.title()} light", kind)
+    if "exposure" in settings and not hasattr(data, "exposure"):
+        settings["energy"] = settings.get("energy", data.energy) * 2.0 ** settings.pop("exposure")
+    if "normalize" in settings and not hasattr(data, "normalize"):
+        if not settings.pop("normalize"):
+            size = settings.get("size", data.size)
+            ellipse = settings.get("shape") in {"DISK", "ELLIPSE"}
+            area = size * settings.get("size_y", size) * (math.pi / 4 if ellipse else 1.0)
+            settings["energy"] = settings.get("energy", data.energy) * area * scale[0] * scale[1]
+    if "use_temperature" in settings and not hasattr(data, "use_temperature"):
+        settings.pop("use_temperature")
+        settings.pop("temperature", None)
     for key, value in settings.items():
         setattr(data, key, value)
     obj = bpy.data.objects.new(data.name, data)
