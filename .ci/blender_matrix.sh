@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
-# The Blender tests (tests/blender, tests/addon) on several bpy wheels, each in its own venv (4.5 and 5.0 are supported;
-# 4.2 shows what is left to port: docs/addon.md, Blender versions).
-# Usage: .ci/blender_matrix.sh [VERSION...]   (default: 4.5 5.0; 4.2 runs when named; venvs in $PBNDS_MATRIX_DIR, default /tmp)
+# The Blender tests (tests/blender, tests/addon) on several bpy wheels, each in its own venv (4.2 LTS, 4.5 LTS
+# and 5.0 are supported: docs/addon.md, Blender versions).
+# Usage: .ci/blender_matrix.sh [VERSION...]   (default: 4.2 4.5 5.0; venvs in $PBNDS_MATRIX_DIR, default /tmp)
 # A venv is made on first use (~1 GB download each): python3.11 -m venv, bpy==<VERSION>.*, torch, the
 # project without its blender extra. Extra pytest arguments: PYTEST_ARGS. Exit status: failed versions.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dir=${PBNDS_MATRIX_DIR:-/tmp}
 versions=("$@")
-[ $# -eq 0 ] && versions=(4.5 5.0)
+[ $# -eq 0 ] && versions=(4.2 4.5 5.0)
 failed=()
 for v in "${versions[@]}"; do
   venv="$dir/bpy${v//./}"
