@@ -191,24 +191,27 @@ def compositor_output(tree):
     return (out or tree.nodes.new("NodeGroupOutput")).inputs[0]
 
 
+def _float_exr_output(tree, file_format):
+    """A new File Output node writing float32 ZIP-compressed EXRs of ``file_format``."""
+    out = tree.nodes.new("CompositorNodeOutputFile")
+    set_file_format(out.format, file_format)
+    out.format.color_depth = "32"
+    out.format.exr_codec = "ZIP"
+    return out
+
+
 def multilayer_file_output(tree, directory, name, layers):
     """A File Output node writing the float32 multilayer EXR ``name`` in ``directory`` with one input
     per ``(layer, socket_type)`` of ``layers`` (socket type "RGBA", "VECTOR" or "FLOAT"; 4.x takes the
-    channels from whatever is linked). The file: :func:`file_output_path`."""
-    out = tree.nodes.new("CompositorNodeOutputFile")
+    channels from whatever is linked). The file: :func:`file_output_files`."""
+    out = _float_exr_output(tree, "OPEN_EXR_MULTILAYER")
     if BLENDER_5:
         out.directory = str(directory) + os.sep
         out.file_name = name
-    else:
-        out.base_path = str(Path(directory) / name)
-    fmt = out.format
-    set_file_format(fmt, "OPEN_EXR_MULTILAYER")
-    fmt.color_depth = "32"
-    fmt.exr_codec = "ZIP"
-    if BLENDER_5:
         for layer, socket_type in layers:
             out.file_output_items.new(socket_type, layer)
     else:
+        out.base_path = str(Path(directory) / name)
         out.layer_slots.clear()
         for layer, _ in layers:
             out.layer_slots.new(layer)
@@ -219,11 +222,8 @@ def image_file_output(tree, directory, name):
     """A File Output node writing its one colour input as the float32 RGBA EXR ``name`` (not
     multilayer: Blender's image loader reads its pixels) in ``directory``; the file:
     :func:`file_output_files`."""
-    out = tree.nodes.new("CompositorNodeOutputFile")
-    set_file_format(out.format, "OPEN_EXR")
+    out = _float_exr_output(tree, "OPEN_EXR")
     out.format.color_mode = "RGBA"
-    out.format.color_depth = "32"
-    out.format.exr_codec = "ZIP"
     if BLENDER_5:
         out.directory = str(directory) + os.sep
         out.file_name = ""
