@@ -18,14 +18,15 @@ OUTPUTS = (("shaded", "PBNDS Shaded"), ("unshadowed", "PBNDS Unshadowed"), ("sha
 def rgba(arrays, name, transparent=False):
     """A result layer as (H, W, 4) float32, top row first; alpha is the mask when `transparent`.
 
-    The shaded layer of an opaque film shows ``arrays["background"]`` (the world as the camera sees
-    it, see add_background) where no surface was hit, as a Cycles render does.
+    The shaded layer (premultiplied by the mask, which is the anti-aliased coverage where the job had
+    it) of an opaque film goes over ``arrays["background"]`` (the world as the camera sees it, see
+    add_background), as a Cycles render shows it.
     """
     data = arrays[name]
     if data.ndim == 2:
         data = np.repeat(data[..., None], 3, axis=-1)
     if name == "shaded" and not transparent and "background" in arrays:
-        data = np.where(arrays["mask"][..., None] > 0, data, arrays["background"])
+        data = data + (1 - arrays["mask"][..., None]) * arrays["background"]  # premultiplied over
     alpha = arrays["mask"] if transparent else np.ones(data.shape[:2], np.float32)
     return np.concatenate([data, alpha[..., None]], axis=-1).astype(np.float32)
 

@@ -14,7 +14,7 @@ Layout of ``out_dir``::
                                  world, timed: the equal-time peer of the neural shader
 
 ``dataset.json``: ``{"format": "pbnds-dataset", "version": 1, "scene", "blend", "seed", "width",
-"height", "gt_samples", "gbuffer_samples", "denoise", "samples": [{"name", "view", "hdri" (file
+"height", "gt_samples", "gbuffer_samples", "denoise", "filter_width", "samples": [{"name", "view", "hdri" (file
 path, or null for a world), "rotation_z" (radians, the Mapping rotation of the HDRI world),
 "world" (what lit it: a world's ``pbnds_world`` custom property if it has one, else
 {"type": "hdri", "hdri", "rotation_z"} or {"type": "world", "name"}), "job", "gt_full",
@@ -35,8 +35,11 @@ left out of the framing when anything else is there. With ``orbit=False`` view i
 i-th camera by name. Everything is drawn from ``seed`` (and Cycles' seed from it too), so a run is
 reproducible; a sample whose files exist is skipped (its cycles_low timings are kept from the previous
 dataset.json), so a run is resumable.
-The ground truth uses the G-buffer's ~0-wide pixel filter, so both see the same pixel centres.
-Denoised silhouettes: the film is opaque and the denoiser's albedo and normal guides are not
+Pixel filter: by default (``filter_width`` 0.01) the ground truth uses the G-buffer's ~0-wide pixel
+filter, so both see the same pixel centres and edges are aliased alike: what training wants. With
+Cycles' own 1.5 px (what users render) the ground truth's edges are anti-aliased and the G-buffer's
+coverage layer is rendered with the same filter, so evaluation compares the anti-aliased image a user
+gets with the one Cycles gives. Denoised silhouettes: the film is opaque and the denoiser's albedo and normal guides are not
 prefiltered. With the ~0-wide filter the guides are exact (every sample of a pixel hits the same
 point), and OpenImageDenoise otherwise blends the background into the objects' outermost pixels. On
 the spheres without their ground at 64x64 and 64 samples, their median against the same render
@@ -68,8 +71,11 @@ def bundled_hdris():
 
 def export_dataset(scene, out_dir, *, views=4, hdris=(None,), orbit=True, gt_samples=64,
                    gbuffer_samples=4, width=None, height=None, seed=0, denoise=True, hdri_width=512,
-                   low_samples=(), sequence=False, progress=None, cancel_check=None):
-    """Write ``views`` x ``len(hdris)`` samples into ``out_dir``; return the dataset.json path."""
+                   low_samples=(), sequence=False, progress=None, cancel_check=None, filter_width=0.01):
+    """Write ``views`` x ``len(hdris)`` samples into ``out_dir``; return the dataset.json path.
+
+    ``filter_width``: the Cycles pixel filter (px) of the ground truth and of the G-buffer's coverage
+    layer, see "Pixel filter" above."""
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     width, height = gbuffer.render_size(scene, width, height)
@@ -81,7 +87,7 @@ def export_dataset(scene, out_dir, *, views=4, hdris=(None,), orbit=True, gt_sam
     previous = _previous_samples(out_dir / "dataset.json")
     index = {"format": "pbnds-dataset", "version": 1, "scene": scene.name, "blend": bpy.data.filepath,
              "seed": seed, "width": width, "height": height, "gt_samples": gt_samples,
-             "gbuffer_samples": gbuffer_samples, "denoise": denoise, "samples": []}
+             "gbuffer_samples": gbuffer_samples, "denoise": denoise, "filter_width": filter_width, "samples": []}
     total = views * len(hdris)
     for view in range(views):
         view_rng = random.Random(f"{seed}:view:{view}")
@@ -121,6 +127,7 @@ def export_dataset(scene, out_dir, *, views=4, hdris=(None,), orbit=True, gt_sam
                         temp.world = hdri
                         select_lamps(temp, hdri)
                     temp.cycles.seed = (seed * 1000 + done) % 2**31
+                    temp.cycles.filter_width = filter_width  # the ground truth's and the coverage layer's
                     _export_sample(temp, folder, width, height, gt_samples, gbuffer_samples, denoise,
                                    hdri_width, cancel_check, low)
             if low:
@@ -161,7 +168,6 @@ def _export_sample(temp, folder, width, height, gt_samples, gbuffer_samples, den
     cycles = temp.cycles
     cycles.samples = gt_samples
     cycles.use_denoising = denoise
-    cycles.filter_width = 0.01
     cycles.denoising_prefilter = "NONE"
     for view_layer in temp.view_layers:
         view_layer.use = view_layer == temp.view_layers[0]

@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
+
+IRRADIANCE_ROWS = 32  # rows of the irradiance table and of the blocks it sums the radiance into (2:1)
 
 
 def direction_to_uv(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,6 +27,13 @@ def uv_to_direction(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
                         torch.cos(theta)], dim=-1)
 
 
+def _texel_centres(rows: int, device) -> torch.Tensor:
+    """Directions (rows, 2 rows, 3) through the texel centres of a 2:1 map."""
+    v = (torch.arange(rows, device=device) + 0.5) / rows
+    u = (torch.arange(2 * rows, device=device) + 0.5) / (2 * rows)
+    return uv_to_direction(u[None, :].expand(rows, -1), v[:, None].expand(-1, 2 * rows))
+
+
 def luminance(rgb: torch.Tensor) -> torch.Tensor:
     """Rec. 709 luminance of linear RGB, the weights Blender uses."""
     return rgb[..., 0] * 0.2126 + rgb[..., 1] * 0.7152 + rgb[..., 2] * 0.0722
@@ -36,6 +46,7 @@ class EnvironmentMap:
         self.image = torch.as_tensor(image, dtype=torch.float32, device=device)  # (h, 2h, 3)
         self.height, self.width = self.image.shape[:2]
         self._distribution: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._irradiance: EnvironmentMap | None = None
 
     @property
     def device(self) -> torch.device:
@@ -69,6 +80,29 @@ class EnvironmentMap:
         top = img[y0, x0] * (1 - fx) + img[y0, x1] * fx
         bottom = img[y1, x0] * (1 - fx) + img[y1, x1] * fx
         return top * (1 - fy) + bottom * fy
+
+    def irradiance(self, normals: torch.Tensor) -> torch.Tensor:
+        """E(n), the integral of L(w) max(n.w, 0) over the sphere, at unit normals (..., 3): (..., 3).
+
+        What a Lambertian surface receives, without ray noise. The map's texels are summed, with their exact
+        solid angles, into IRRADIANCE_ROWS x 2 IRRADIANCE_ROWS blocks as vectors V = sum L dw w per colour
+        channel: n.V is then exact for every block wholly above the surface, wherever the light lies in it
+        (a sun is not moved to the block's centre); only blocks cut by the horizon are approximated.
+        E is tabulated over as many normals and looked up bilinearly (it is smooth: a cosine lobe wide).
+        """
+        if self._irradiance is None:
+            rows = IRRADIANCE_ROWS
+            edges = torch.linspace(0, math.pi, self.height + 1, device=self.device)
+            solid_angle = 2 * math.pi / self.width * (torch.cos(edges[:-1]) - torch.cos(edges[1:]))
+            power = self.image * solid_angle[:, None, None]  # (H, W, 3)
+            vectors = power[..., :, None] * _texel_centres(self.height, self.device)[..., None, :]  # (H, W, 3, 3)
+            scale = self.height * self.width / (rows * 2 * rows)  # block mean -> block sum
+            vectors = F.adaptive_avg_pool2d(vectors.reshape(self.height, self.width, 9).permute(2, 0, 1)[None],
+                                            (rows, 2 * rows))[0].reshape(3, 3, -1) * scale  # (channel, xyz, S)
+            table = _texel_centres(rows, self.device).reshape(-1, 3)
+            irradiance = torch.stack([(table @ vectors[c]).clamp(min=0).sum(-1) for c in range(3)], dim=-1)
+            self._irradiance = EnvironmentMap(irradiance.reshape(rows, 2 * rows, 3), self.device)
+        return self._irradiance.lookup(normals)
 
     def _texel_distribution(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(cdf over texels, probability per texel) proportional to dilated luminance x sin(theta)."""

@@ -30,7 +30,7 @@ NORMAL_TOLERANCE = 1e-2
 
 # layer name -> channel count; single-channel layers accept any one channel name
 REQUIRED_LAYERS = {"albedo": 3, "specular": 3, "roughness": 1, "normal": 3, "depth": 1, "ao": 1, "mask": 1}
-OPTIONAL_LAYERS = {"metallic": 1, "position": 3}
+OPTIONAL_LAYERS = {"metallic": 1, "position": 3, "coverage": 1}
 UNIT_RANGE_LAYERS = ("albedo", "specular", "roughness", "ao", "mask", "metallic")
 THREE_CHANNEL_NAMES = (("R", "G", "B"), ("X", "Y", "Z"))
 ONE_CHANNEL_NAMES = ("Y", "V", "X", "Z", "R", "A")
@@ -111,6 +111,7 @@ class GBuffer:
     mask: np.ndarray  # (H, W) coverage 0..1
     metallic: np.ndarray | None = None
     position: np.ndarray | None = None
+    coverage: np.ndarray | None = None  # (H, W) 0..1 through the pixel filter, also beyond the mask
 
     @property
     def size(self) -> tuple[int, int]:
@@ -142,11 +143,14 @@ TRANSPORT_LAYERS = {"visibility": 1, "bounce": 3, "reflection": 3}  # name: chan
 
 @dataclass
 class Result:
+    """`shaded` and `unshadowed` are premultiplied by `mask`, their alpha: the G-buffer's coverage where it
+    has that layer (anti-aliased edges, backend/edges.py), else its mask."""
+
     shaded: np.ndarray  # (H, W, 3)
     unshadowed: np.ndarray  # (H, W, 3)
     shadow: np.ndarray  # (H, W)
     lights: np.ndarray  # (H, W, 3) the lamps' shadowed part of `shaded`
-    mask: np.ndarray  # (H, W)
+    mask: np.ndarray  # (H, W) alpha
     meta: dict = field(default_factory=dict)
     # the screen-space terms before the shadow net, for debugging: visibility (H, W), bounce and
     # reflection (H, W, 3); empty where the model has no transport shadow net or shadows are off
@@ -272,6 +276,11 @@ def validate_gbuffer(gbuffer: GBuffer, source: str = "gbuffer.exr") -> None:
     mask = gbuffer.mask
     if not np.isfinite(mask).all():
         raise JobError(f"{source}: layer 'mask' holds NaN or Inf in {_first_bad_pixel(~np.isfinite(mask))}")
+    coverage = gbuffer.coverage
+    if coverage is not None and not (np.isfinite(coverage).all() and coverage.min() >= -RANGE_SLACK
+                                     and coverage.max() <= 1 + RANGE_SLACK):
+        raise JobError(f"{source}: layer 'coverage' must lie in [0, 1] everywhere, found NaN, Inf or values "
+                       f"in [{np.nanmin(coverage):.4g}, {np.nanmax(coverage):.4g}]")
     foreground = gbuffer.foreground
     for name, array in gbuffer.layers().items():
         finite = bool(np.isfinite(array.min())) and bool(np.isfinite(array.max()))  # NaN and +-Inf propagate

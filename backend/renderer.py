@@ -7,6 +7,12 @@ sets that do not depend on the HDRI (uniform, stratified, cosine), a RelightCach
 holds the per-pixel, per-ray weights f cos / pdf of a linear-in-Li shader, so that a relight under a
 new or rotated HDRI is a radiance lookup at fixed directions and one contraction, plus the shadow net.
 
+Control variate: every shader with a Lambertian lobe (Shader.lambertian: the classical ones and the
+default, whose learned gains start at 1) gets that lobe's exact integral over the HDRI
+(EnvironmentMap.irradiance) in place of its Monte Carlo estimate with the same rays: colour + rho / pi
+(E(n) - E_rays(n)). The expectation is unchanged for any gains; with gains of 1 the diffuse light has
+no ray noise left, only the specular lobe has.
+
 Shaders with a fast path (backend/fastpath.py: the default shader and GGX) are evaluated through it
 unless the renderer is built with fast=False, which runs the plain reference path of shaders.py.
 
@@ -28,11 +34,12 @@ import torch
 
 from . import fastpath
 from .camera import view_directions, world_positions
+from .edges import antialiased
 from .envmap import EnvironmentMap
 from .jobformat import TRANSPORT_LAYERS, Camera, GBuffer, Job, Options, Result
 from .lights import DEFAULT_SAMPLES, Light, shade_lights
 from .models import ShadingModel, load_model
-from .sampling import PER_PIXEL, make_rays
+from .sampling import PER_PIXEL, RaySet, make_rays
 from .screenspace import LIGHTS, MARCH_BUDGET, PREVIEW_BUDGET, PREVIEW_LIGHTS, ScreenSpace, Transport, light_directions
 from .shaders import PixelInputs
 from .shadow import composite
@@ -74,6 +81,7 @@ class PreparedGBuffer:
     images: dict[str, torch.Tensor]  # (1, C, H, W) inputs of the shadow net, and world positions
     mask: np.ndarray
     camera: Camera
+    coverage: np.ndarray | None = None  # the G-buffer's coverage layer (backend/edges.py)
     # The lights' (shadowed, unshadowed) term by (model, seed, light samples), with the light list it was
     # shaded for: it does not depend on the HDRI, so relights of the same job reuse it.
     lit: dict = field(default_factory=dict)
@@ -100,7 +108,7 @@ class PreparedGBuffer:
         images = {name: image(getattr(gbuffer, name)) for name in ("albedo", "normal", "ao", "depth", "mask")}
         images["position"] = image(position)
         return cls(height, width, torch.from_numpy(index).to(device), pixels, pick(position.astype(np.float32)),
-                   images, gbuffer.mask, camera)
+                   images, gbuffer.mask, camera, gbuffer.coverage)
 
     @functools.cached_property
     def screen_space(self) -> ScreenSpace:
@@ -146,15 +154,17 @@ def chunk_pixels(model: ShadingModel, rays: int, device: torch.device) -> int:
 class RelightCache:
     """What a relight needs besides the HDRI, for one prepared G-buffer and one set of options.
 
-    colour[p, c] = sum_k weights[c, p, k] Li_c(directions[p or 0, k]), with weights = f cos / (pdf N):
-    the shader's Monte Carlo estimate, exactly, for a shader linear in Li and a ray set that does not
-    depend on the HDRI.
+    colour[p, c] = sum_k weights[c, p, k] Li_c(directions[p or 0, k]) + diffuse[p, c] E_c(n_p), with
+    weights = f cos / (pdf N) - diffuse cos / (pdf N) and E the HDRI's irradiance: the shader's Monte Carlo
+    estimate with its Lambertian control variate (Renderer.shade), exactly, for a shader linear in Li and
+    a ray set that does not depend on the HDRI.
     """
 
     prepared: PreparedGBuffer
     options: Options
     directions: torch.Tensor  # (1 or P, N, 3) world space
     weights: torch.Tensor  # (3, P, N)
+    diffuse: torch.Tensor  # (P, 3) the Lambertian lobe's rho / pi (0 for a shader without one)
 
     @property
     def nbytes(self) -> int:
@@ -163,6 +173,13 @@ class RelightCache:
     def matches(self, prepared: PreparedGBuffer, options: Options) -> bool:
         keys = ("model", "rays", "sampling", "seed")
         return prepared is self.prepared and all(getattr(options, k) == getattr(self.options, k) for k in keys)
+
+
+def cosine_weights(normals: torch.Tensor, rays: RaySet) -> torch.Tensor:
+    """max(n.w, 0) / (pdf N) per pixel and ray, (P, N, 1): with Li summed over the rays, the Monte Carlo
+    estimate of the irradiance E(n) that a Lambertian lobe's own estimate is proportional to."""
+    cosine = (normals[:, None] * rays.directions).sum(-1).clamp(min=0)
+    return (cosine / (rays.pdf * rays.directions.shape[1]))[..., None]
 
 
 def rotate_z(directions: torch.Tensor, angle: float) -> torch.Tensor:
@@ -268,6 +285,10 @@ class Renderer:
                                  wo=pixels.wo, roughness=pixels.roughness, device=self.device)
                 radiance = envmap.lookup(rays.directions)
             colour[start:stop] = shader(pixels, rays, radiance)
+            lambertian = model.shader.lambertian(pixels)
+            if lambertian is not None:  # the control variate: the Lambertian lobe's exact integral for its estimate
+                estimate = (cosine_weights(pixels.normal, rays) * radiance).sum(1)
+                colour[start:stop] += lambertian / math.pi * (envmap.irradiance(pixels.normal) - estimate)
 
         self._chunks(model, len(prepared.pixels), options.rays, cancel, progress, work)
         timings["shade_ms"] = (time.perf_counter() - started) * 1e3
@@ -298,6 +319,7 @@ class Renderer:
         brdf_cos = shader.brdf_cos
         count, n = len(prepared.pixels), options.rays
         weights = torch.empty(3, count, n, device=self.device)
+        diffuse = torch.zeros(count, 3, device=self.device)
         shared = None if options.sampling in PER_PIXEL else make_rays(options.sampling, n, options.seed,
                                                                      device=self.device)
         directions = shared.directions if shared is not None else torch.empty(count, n, 3, device=self.device)
@@ -309,10 +331,14 @@ class Renderer:
                 rays = make_rays(options.sampling, n, options.seed, normals=pixels.normal, device=self.device)
                 directions[start:stop] = rays.directions
             value = brdf_cos(pixels, rays.directions) / (rays.pdf[..., None] * n)
+            lambertian = model.shader.lambertian(pixels)
+            if lambertian is not None:  # the control variate, as in shade()
+                diffuse[start:stop] = lambertian / math.pi
+                value = value - diffuse[start:stop, None] * cosine_weights(pixels.normal, rays)
             weights[:, start:stop] = value.permute(2, 0, 1)
 
         self._chunks(model, count, n, cancel, progress, work)
-        return RelightCache(prepared, options, directions, weights)
+        return RelightCache(prepared, options, directions, weights, diffuse)
 
     @torch.inference_mode()
     def relight(self, cache: RelightCache, hdri: np.ndarray, rotation: float = 0.0, *, options: Options | None = None,
@@ -333,6 +359,8 @@ class Renderer:
             colour = torch.bmm(cache.weights, radiance.transpose(1, 2))[..., 0].T
         else:
             colour = (cache.weights * radiance).sum(-1).T
+        turned = envmap.rotated(rotation) if rotation else envmap
+        colour = colour + cache.diffuse * turned.irradiance(cache.prepared.pixels.normal)
         timings["shade_ms"] = (time.perf_counter() - started) * 1e3
         lit = self._shade_lights(cache.prepared, lights, options, None, timings)
         model = self.model(options.model)
@@ -417,9 +445,13 @@ class Renderer:
         timings["shadow_ms"] = (time.perf_counter() - started) * 1e3
         if progress is not None:
             progress(1.0)
+        images, alpha = [shaded + lights, unshadowed + lights_unshadowed], prepared.mask.copy()
+        if prepared.coverage is not None:
+            images, alpha = antialiased(images, prepared.images["mask"][0, 0] > 0,
+                                        torch.from_numpy(prepared.coverage).to(self.device))
+            alpha = alpha.cpu().numpy()
         meta = {**asdict(options), "device": str(self.device), "model_info": model.info,
                 "timings": {k: round(v, 3) for k, v in timings.items()}}
-        return Result(shaded=(shaded + lights).cpu().numpy(),
-                      unshadowed=(unshadowed + lights_unshadowed).cpu().numpy(),
-                      lights=lights.cpu().numpy(), shadow=shadow.cpu().numpy(), mask=prepared.mask.copy(), meta=meta,
+        return Result(shaded=images[0].cpu().numpy(), unshadowed=images[1].cpu().numpy(),
+                      lights=lights.cpu().numpy(), shadow=shadow.cpu().numpy(), mask=alpha, meta=meta,
                       transport=layers)

@@ -50,6 +50,11 @@ class Shader(nn.Module):
     def brdf_cos(self, pixels: PixelInputs, wi: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def lambertian(self, pixels: PixelInputs) -> torch.Tensor | None:
+        """(P, 3) reflectance rho of a Lambertian lobe rho / pi cos that brdf_cos holds (with a learned gain
+        of 1 at initialisation), or None. The renderer integrates that lobe exactly as a control variate."""
+        return None
+
     def forward(self, pixels: PixelInputs, rays: RaySet, radiance: torch.Tensor) -> torch.Tensor:
         return monte_carlo(self.brdf_cos(pixels, rays.directions), radiance, rays.pdf)
 
@@ -59,6 +64,9 @@ class Lambert(Shader):
 
     def brdf_cos(self, pixels, wi):
         return brdf.lambert(pixels.albedo, brdf.geometry(pixels.normal, pixels.wo, wi))
+
+    def lambertian(self, pixels):
+        return pixels.albedo
 
 
 class _DiffuseSpecular(Shader):
@@ -74,6 +82,10 @@ class _DiffuseSpecular(Shader):
         g = brdf.geometry(pixels.normal, pixels.wo, wi)
         diffuse = brdf.lambert(pixels.albedo, g) * self.diffuse_weight(pixels, g)
         return diffuse + self.specular_lobe(pixels, g)
+
+    def lambertian(self, pixels):
+        g = brdf.geometry(pixels.normal, pixels.wo, pixels.normal[:, None])  # the weights depend on n.o alone
+        return pixels.albedo * self.diffuse_weight(pixels, g)[:, 0]
 
 
 class BlinnPhong(_DiffuseSpecular):
@@ -135,6 +147,10 @@ class LinearNeuralShader(Shader):
         diffuse = brdf.lambert(pixels.albedo, g) * brdf.diffuse_weight(pixels.specular, g, pixels.roughness)
         specular = brdf.ggx_specular(pixels.specular, pixels.roughness, g)
         return diffuse * gains[..., :3] + specular * gains[..., 3:]
+
+    def lambertian(self, pixels):
+        n_dot_o = (pixels.normal * pixels.wo).sum(-1, keepdim=True).clamp(min=brdf.EPS)
+        return pixels.albedo * brdf.diffuse_weight_at(pixels.specular, n_dot_o, pixels.roughness)
 
 
 def positional_encoding(x: torch.Tensor, frequencies: int) -> torch.Tensor:

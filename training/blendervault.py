@@ -125,7 +125,8 @@ def export_file(task: dict) -> dict:
     dataset.export_dataset(scene, folder, views=task["views"], hdris=worlds, width=render["size"],
                            height=render["size"], gt_samples=render["gt_samples"], denoise=render["denoise"],
                            gbuffer_samples=render["gbuffer_samples"], seed=task["seed"],
-                           hdri_width=render["hdri_width"], low_samples=task["low_samples"])
+                           hdri_width=render["hdri_width"], low_samples=task["low_samples"],
+                           filter_width=render.get("filter_width", 0.01))
     return {"ok": True, "rendered": task["samples"]}
 
 

@@ -11,7 +11,8 @@ Every Sample carries its scene family (``Sample.family``, scored per family by `
 "family" key of the scene folder's scene.json, "ground" for datasets made before families existed,
 "blendervault" for `pbnds export` folders and MaterialFusion's layout.
 
-Ground truth is masked with the G-buffer mask (it is rendered with the world behind the objects)
+Ground truth is masked with the G-buffer's footprint (backend/edges.py: its mask, widened by its
+coverage layer where it has one; the ground truth is rendered with the world behind the objects)
 and clipped at 0 (the denoiser can undershoot by ~1e-4); nothing else is changed.
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from backend.exrio import ExrError, read_exr
+from backend.edges import footprint
 from backend.jobformat import Job, JobError, load_job
 
 SPLITS = ("train", "val", "test", "relight", "anim", "lamps")
@@ -160,7 +162,7 @@ def _load_sample(folder: Path, scene: str, split: str, entry: dict, index_path: 
         job = load_job(job_path)
     except JobError as error:
         raise DatasetError(f"{job_path}: {error}") from None
-    mask = job.gbuffer.mask
+    mask = footprint(job.gbuffer)
     unshadowed = entry.get("gt_unshadowed")
     low = [{"samples": item["samples"], "denoise": item["denoise"], "seconds": item["seconds"],
             "cpu_seconds": item.get("cpu_seconds"),

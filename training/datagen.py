@@ -75,6 +75,9 @@ def add_render_arguments(parser) -> None:
                         help="denoise the ground truth with OpenImageDenoise (default on; docs/dataset.md says when "
                         "more samples without it are the better reference)")
     parser.add_argument("--gbuffer-samples", type=int, default=4)
+    parser.add_argument("--gt-filter-width", type=float, default=0.01,
+                        help="Cycles pixel filter width (px) of the ground truth and the G-buffer's coverage layer "
+                        "(default 0.01: point-sampled like the G-buffer; 1.5: anti-aliased like a user's Cycles render)")
     parser.add_argument("--low-samples", default="1,4",
                         help="Cycles+OIDN sample counts rendered (timed) for test/relight ('' for none)")
     parser.add_argument("--hdri-width", type=int, default=512, help="width of each job's captured HDRI")
@@ -85,7 +88,7 @@ def add_render_arguments(parser) -> None:
 
 def render_settings(args) -> dict:
     return {"size": args.size, "gt_samples": args.gt_samples, "denoise": args.denoise,
-            "gbuffer_samples": args.gbuffer_samples,
+            "gbuffer_samples": args.gbuffer_samples, "filter_width": args.gt_filter_width,
             "hdri_width": args.hdri_width, "threads": max(1, (os.cpu_count() or 1) // max(1, args.workers)),
             "low_samples": [int(n) for n in args.low_samples.split(",") if n.strip()]}
 
@@ -390,7 +393,7 @@ def _render_scene(task: dict) -> dict:
                            height=render["size"], gt_samples=render["gt_samples"], denoise=render["denoise"],
                            gbuffer_samples=render["gbuffer_samples"], seed=task["scene_seed"],
                            hdri_width=render["hdri_width"], low_samples=task["low_samples"], sequence=sequence,
-                           orbit=orbit)
+                           orbit=orbit, filter_width=render.get("filter_width", 0.01))
     return {"ok": True, "rendered": task["samples"] - before}
 
 

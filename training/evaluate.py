@@ -1,7 +1,8 @@
 """`pbnds eval`: score shading models and Cycles' low-sample renders against Cycles ground truth.
 
-Every model renders every sample of a split (after one untimed warm-up render); its shaded output is
-scored against gt_full and its unshadowed output against gt_unshadowed where the dataset has one. The
+Every model renders every sample of a split (after one untimed warm-up render); its shaded output,
+over the world behind it as an opaque film shows it (premultiplied by its anti-aliased alpha where the
+G-buffer has coverage, backend/edges.py), is scored against gt_full and its unshadowed output against gt_unshadowed where the dataset has one. The
 equal-time Cycles renders stored with the samples are scored beside the models, with the times measured
 when they were rendered. Split "anim" also gets frame-to-frame stability scores. Every split is also
 scored per scene family against GGX (the do-no-harm check); ``--gate MODEL`` makes the command exit 1
@@ -107,9 +108,19 @@ def _sequence_scores(frames: list[tuple]) -> dict[str, float]:
 
 def evaluate_split(split: str, samples: list, specs: list[str], renderer, rays: int, progress=None) -> SplitResult:
     """Score every model and every stored Cycles render on the samples of one split."""
+    from backend.edges import footprint, over_background, world_background
     from backend.jobformat import Options
 
     result = SplitResult(split)
+    backgrounds: dict[int, np.ndarray] = {}
+
+    def composited(index: int, sample, premultiplied: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+        """A model's image as an opaque film shows it, on the footprint the ground truth keeps."""
+        if index not in backgrounds:
+            backgrounds[index] = world_background(sample.job)
+        image = over_background(premultiplied, alpha, backgrounds[index])
+        return np.where(footprint(sample.job.gbuffer)[..., None] > 0, image, 0).astype(np.float32)
+
     picks = sorted({int(i) for i in np.linspace(0, len(samples) - 1, min(GRID_ROWS, len(samples))).round()})
     grid = {i: GridRow(samples[i].name, to_display(samples[i].gt_full)) for i in picks}
     sequences = defaultdict(list)
@@ -117,7 +128,7 @@ def evaluate_split(split: str, samples: list, specs: list[str], renderer, rays: 
 
     def score(method: str, kind: str, index: int, sample, image: np.ndarray, unshadowed: np.ndarray | None,
               timing: dict) -> None:
-        mask = sample.job.gbuffer.mask
+        mask = footprint(sample.job.gbuffer)
         scores, error = compare(image, sample.gt_full, mask)
         row = {**_sample_row(split, method, kind, sample), **scores}
         if unshadowed is not None and sample.gt_unshadowed is not None:
@@ -139,7 +150,8 @@ def evaluate_split(split: str, samples: list, specs: list[str], renderer, rays: 
             rendered = renderer.render(sample.job)
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
             timings = rendered.meta["timings"]
-            score(label, "model", index, sample, rendered.shaded, rendered.unshadowed,
+            score(label, "model", index, sample, composited(index, sample, rendered.shaded, rendered.mask),
+                  composited(index, sample, rendered.unshadowed, rendered.mask),
                   {"ms": wall * 1e3, "cpu_ms": cpu * 1e3, "relight_ms": timings["shade_ms"] + timings["shadow_ms"],
                    "device": device})
             if progress is not None:

@@ -4,6 +4,7 @@ import json
 
 import bpy
 import numpy as np
+import OpenEXR
 import pytest
 from blender_helpers import exr_channel_names, fixture, read_exr
 from make_fixtures import SPHERES
@@ -14,7 +15,7 @@ pytestmark = pytest.mark.blender
 SIZE = 64
 CHANNELS = {"albedo.R", "albedo.G", "albedo.B", "albedo.A", "specular.R", "specular.G", "specular.B",
             "specular.A", "roughness.V", "metallic.V", "normal.X", "normal.Y", "normal.Z", "depth.V",
-            "ao.V", "mask.V", "position.X", "position.Y", "position.Z"}
+            "ao.V", "mask.V", "position.X", "position.Y", "position.Z", "coverage.V"}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,34 @@ def test_backdrop_is_the_world_cycles_renders(spheres_job, tmp_path):
     assert sky.sum() > 200
     assert backdrop[sky].mean() == pytest.approx(reference[sky].mean(), rel=0.02)
     assert np.median(np.abs(backdrop[sky] / reference[sky] - 1)) < 0.05
+
+
+def test_coverage_is_the_alpha_cycles_renders(spheres_job, tmp_path):
+    """The coverage layer against the alpha of a plain Cycles render (transparent film, the scene's own
+    pixel filter): fractional along every silhouette, where the point-sampled mask is 0 or 1."""
+    path, _, layers = spheres_job
+    scene = bpy.context.scene
+    render = scene.render
+    saved = (render.film_transparent, render.resolution_x, render.resolution_y, render.resolution_percentage,
+             scene.cycles.samples, render.filepath)
+    try:
+        render.film_transparent = True
+        render.resolution_x = render.resolution_y = SIZE
+        render.resolution_percentage = 100
+        scene.cycles.samples = 64
+        render.filepath = str(tmp_path / "alpha.exr")
+        compat.set_file_format(render.image_settings, "OPEN_EXR")
+        render.image_settings.color_mode = "RGBA"
+        bpy.ops.render.render(write_still=True)
+    finally:
+        (render.film_transparent, render.resolution_x, render.resolution_y, render.resolution_percentage,
+         scene.cycles.samples, render.filepath) = saved
+    alpha = OpenEXR.File(str(tmp_path / "alpha.exr"), separate_channels=True).channels()["A"].pixels
+    coverage, mask = layers["coverage"], layers["mask"]
+    edge = (alpha > 0.05) & (alpha < 0.95)
+    assert edge.sum() > 20 and np.isin(mask, (0.0, 1.0)).all()
+    assert np.abs(coverage - alpha).mean() < 0.01
+    assert np.abs(coverage - alpha)[edge].mean() < 0.1 < np.abs(mask - alpha)[edge].mean()
 
 
 def test_backend_reads_the_job(spheres_job):
