@@ -39,7 +39,8 @@ Pixel filter: by default (``filter_width`` 0.01) the ground truth uses the G-buf
 filter, so both see the same pixel centres and edges are aliased alike: what training wants. With
 Cycles' own 1.5 px (what users render) the ground truth's edges are anti-aliased and the G-buffer's
 coverage layer is rendered with the same filter, so evaluation compares the anti-aliased image a user
-gets with the one Cycles gives. Denoised silhouettes: the film is opaque and the denoiser's albedo and normal guides are not
+gets with the one Cycles gives.
+Denoised silhouettes: the film is opaque and the denoiser's albedo and normal guides are not
 prefiltered. With the ~0-wide filter the guides are exact (every sample of a pixel hits the same
 point), and OpenImageDenoise otherwise blends the background into the objects' outermost pixels. On
 the spheres without their ground at 64x64 and 64 samples, their median against the same render

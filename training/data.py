@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from backend.exrio import ExrError, read_exr
 from backend.edges import footprint
+from backend.exrio import ExrError, read_exr
 from backend.jobformat import Job, JobError, load_job
 
 SPLITS = ("train", "val", "test", "relight", "anim", "lamps")

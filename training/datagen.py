@@ -76,8 +76,9 @@ def add_render_arguments(parser) -> None:
                         "more samples without it are the better reference)")
     parser.add_argument("--gbuffer-samples", type=int, default=4)
     parser.add_argument("--gt-filter-width", type=float, default=0.01,
-                        help="Cycles pixel filter width (px) of the ground truth and the G-buffer's coverage layer "
-                        "(default 0.01: point-sampled like the G-buffer; 1.5: anti-aliased like a user's Cycles render)")
+                        help="Cycles pixel filter width (px) of the ground truth and the G-buffer's coverage "
+                        "layer (default 0.01: point-sampled like the G-buffer; 1.5: anti-aliased like a user's "
+                        "Cycles render)")
     parser.add_argument("--low-samples", default="1,4",
                         help="Cycles+OIDN sample counts rendered (timed) for test/relight ('' for none)")
     parser.add_argument("--hdri-width", type=int, default=512, help="width of each job's captured HDRI")

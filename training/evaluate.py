@@ -1,13 +1,13 @@
 """`pbnds eval`: score shading models and Cycles' low-sample renders against Cycles ground truth.
 
-Every model renders every sample of a split (after one untimed warm-up render); its shaded output,
-over the world behind it as an opaque film shows it (premultiplied by its anti-aliased alpha where the
-G-buffer has coverage, backend/edges.py), is scored against gt_full and its unshadowed output against gt_unshadowed where the dataset has one. The
-equal-time Cycles renders stored with the samples are scored beside the models, with the times measured
-when they were rendered. Split "anim" also gets frame-to-frame stability scores. Every split is also
-scored per scene family against GGX (the do-no-harm check); ``--gate MODEL`` makes the command exit 1
-when MODEL is worse than GGX on any family. Metrics are in training/metrics.py, the files written in
-training/report.py, the definitions in docs/metrics.md.
+Every model renders every sample of a split (after one untimed warm-up render); its shaded output, over
+the world behind it as an opaque film shows it (premultiplied by its anti-aliased alpha where the
+G-buffer has coverage, backend/edges.py), is scored against gt_full and its unshadowed output against
+gt_unshadowed where the dataset has one. The equal-time Cycles renders stored with the samples are
+scored beside the models, with the times measured when they were rendered. Split "anim" also gets frame-
+to-frame stability scores. Every split is also scored per scene family against GGX (the do-no-harm
+check); ``--gate MODEL`` makes the command exit 1 when MODEL is worse than GGX on any family. Metrics
+are in training/metrics.py, the files written in training/report.py, the definitions in docs/metrics.md.
 Heavy imports (torch, the renderer) happen inside the command so that `pbnds --help` stays fast.
 """
 

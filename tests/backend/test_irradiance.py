@@ -25,8 +25,8 @@ def brute_force_irradiance(image, n):
     v = (torch.arange(height) + 0.5) / height
     u = (torch.arange(width) + 0.5) / width
     phi, theta_c = 2 * math.pi * (0.5 - u), math.pi * v
-    d = torch.stack([torch.sin(theta_c)[:, None] * torch.cos(phi)[None], torch.sin(theta_c)[:, None] * torch.sin(phi)[None],
-                     torch.cos(theta_c)[:, None].expand(height, width)], dim=-1)
+    sin, cos = torch.sin(theta_c)[:, None], torch.cos(theta_c)[:, None]
+    d = torch.stack([sin * torch.cos(phi)[None], sin * torch.sin(phi)[None], cos.expand(height, width)], dim=-1)
     power = torch.as_tensor(image) * solid_angle[:, None, None]
     return (n @ d.reshape(-1, 3).T).clamp(min=0) @ power.reshape(-1, 3)
 
