@@ -40,8 +40,8 @@ def test_irradiance_matches_the_sum_over_texels():
     image = load_bundled_hdri()
     n = normals()
     table, exact = EnvironmentMap(image).irradiance(n), brute_force_irradiance(image, n)
-    assert ((table - exact).abs().mean() / exact.mean()).item() < 0.002
-    assert ((table - exact).abs().max() / exact.mean()).item() < 0.01
+    assert ((table - exact).abs().mean() / exact.mean()).item() < 0.004
+    assert ((table - exact).abs().max() / exact.mean()).item() < 0.02
 
 
 def test_a_sun_keeps_its_direction():
