@@ -3,7 +3,8 @@
 Display space: linear radiance x EXPOSURE, clipped to [0, 1], then the sRGB transfer function (what
 Blender's Standard view transform shows at exposure 0). MSE, PSNR, SSIM and FLIP are computed there on
 the range [0, 1]; PSNR-lin is computed on the linear values themselves (peak 1, no clipping).
-"Foreground" averages over the pixels with G-buffer mask > 0, "full" over the whole frame (background
+"Foreground" averages over the pixels the objects cover (backend/edges.py footprint: G-buffer mask > 0,
+or coverage > 0), "full" over the whole frame (background
 is 0 in the ground truth and in every prediction, so full-frame scores are inflated by empty pixels).
 """
 

@@ -374,7 +374,8 @@ def write_markdown(path: Path, results: list, summaries: dict[str, list[dict]], 
              f"Scores (docs/metrics.md): linear radiance x {EXPOSURE:g}, clipped to [0, 1], sRGB-encoded; PSNR, "
              "SSIM (11x11 Gaussian window, sigma 1.5, K1 0.01, K2 0.03, range 1, mean over RGB), MSE and LDR-FLIP "
              "are computed there. PSNR-lin is on linear radiance (peak 1, unclipped). PSNR is capped at 100 dB. "
-             "'fg': pixels with G-buffer mask > 0; 'full': the whole frame. Unshadowed: the model's unshadowed "
+             "'fg': pixels the objects cover (G-buffer mask or coverage > 0); 'full': the whole frame. "
+             "Unshadowed: the model's unshadowed "
              "output against Cycles with shadow rays off. Means over samples; times are medians.", ""]
     family_rows = [row for result in results for row in families.get(result.split, [])]
     if family_rows:
