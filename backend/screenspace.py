@@ -11,10 +11,11 @@ shows of the scene corrects that physically, before any network (the shadow net 
 - bounce (1, 3, H, W): light that on-screen surfaces send into the pixel's diffuse layer,
   albedo (1 - the specular layer's albedo) mean_k L(hit_k) over cosine-distributed rays, where L is the
   direct-lit image at the pixel a ray hits (a ray that escapes sees the HDRI, which the shading holds).
-- reflection (1, 3, H, W): the same through the GGX lobe of glossy pixels, mean_k (f cos / pdf)_k
-  (L(hit_k) - V L_env(d_k)): objects seen in a glossy floor, in place of the sky the shading put there
-  (which the visibility V already dimmed; negative where a dark object hides a bright sky); rays that
-  escape the screen keep the HDRI.
+- reflection (1, 3, H, W): the same through every pixel's GGX lobe, mean_k (f cos / pdf)_k
+  (L(hit_k) - V L_env(d_k)): objects seen in a glossy floor, the sunlit ground in a rough metal's side,
+  in place of the sky the shading put there (which the visibility V already dimmed; negative where a dark
+  object hides a bright sky); rays that escape the screen keep the HDRI. Rough lobes too: a metal has no
+  diffuse layer for the bounce to light, so without them its faces towards a lit floor stay dark.
 
 A ray is marched through the depth buffer in STEPS steps up to REACH x the median foreground depth (so
 nothing depends on the scene's units); a step is blocked where it lies behind the visible surface by more
@@ -49,9 +50,7 @@ from .shaders import PixelInputs
 
 LIGHTS = 32  # HDRI directions for the visibility
 BOUNCE_RAYS = 8  # cosine rays per pixel for the bounce light
-REFLECTION_RAYS = 4  # GGX rays per glossy pixel for the reflections
-GLOSSY = 0.5  # reflections are marched for roughness below this (rougher lobes reach the bounce's scale)
-GLOSSY_FADE = 0.2  # ... at full weight below GLOSSY - GLOSSY_FADE
+REFLECTION_RAYS = 4  # GGX rays per pixel for the reflections
 STEPS = 16  # march steps per ray
 REACH = 1.0  # march length, x median foreground depth
 THICKNESS = 0.25  # a surface blocks points up to this far behind it, x median foreground depth x n.wo
@@ -209,19 +208,17 @@ class ScreenSpace:
         return directions, index, (seen / BOUNCE_RAYS)[..., None]
 
     def _reflection_paths(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """GGX rays of glossy marchers: (directions, hit pixel (M, K), weight f cos / (pdf K) (M, K, 3), 0 where
+        """GGX rays of the marchers: (directions, hit pixel (M, K), weight f cos / (pdf K) (M, K, 3), 0 where
         not seen)."""
         m, materials = self.marchers, self.materials
         normals, wo, roughness = self.normals[m], materials.wo[m], materials.roughness[m]
         alpha = brdf.ggx_alpha(roughness)
         directions = ggx_directions(self._uniforms((len(m), REFLECTION_RAYS, 2), 2), normals, wo, alpha)
         index, seen = self._trace(directions, 2)
-        # faded out over the last GLOSSY_FADE of roughness, so a roughness texture shows no edge
-        glossy = ((GLOSSY - roughness) / GLOSSY_FADE).clamp(0, 1)  # (M, 1)
         g = brdf.geometry(normals, wo, directions)
         pdf = ggx_pdf(directions, normals, wo, alpha).clamp(min=1e-6)[..., None]
         weight = brdf.ggx_specular(materials.specular[m], roughness, g) / (pdf * REFLECTION_RAYS)
-        return directions, index, weight * (seen * glossy)[..., None]
+        return directions, index, weight * seen[..., None]
 
     def _paths_of(self, term: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if term not in self._paths:
@@ -247,7 +244,7 @@ class ScreenSpace:
         return materials.albedo * brdf.diffuse_weight_at(materials.specular, n_dot_o, materials.roughness)
 
     def reflection(self, radiance: torch.Tensor, environment: Environment, visibility: torch.Tensor) -> torch.Tensor:
-        """What glossy pixels (roughness < GLOSSY) reflect of on-screen surfaces, per foreground pixel (P, 3),
+        """What pixels reflect of on-screen surfaces through their GGX lobe, per foreground pixel (P, 3),
         in place of the HDRI that the shading reflected along those rays (the shaded image holds it times
         the pixel's visibility (1, 1, H, W)): sum_k f cos / pdf (L(hit_k) - V L_env(d_k)) / K. It is negative
         where a dark object hides a bright sky in a glossy floor."""

@@ -227,13 +227,19 @@ def test_a_mirror_floor_reflects_the_sphere_in_place_of_the_sky():
     assert np.abs(reflection[outside]).mean() < 0.01
 
 
-def test_rough_surfaces_reflect_nothing_and_the_paths_are_kept_for_relights():
-    gbuffer, camera = one_sphere_on_a_plane(floor=Material((0.5, 0.5, 0.5), roughness=0.9))
+def test_rough_metal_reflects_what_stands_on_it_and_the_paths_are_kept_for_relights():
+    """A rough white metal floor, everything on screen of radiance 1 and a black sky: the reflection term is
+    the share of the floor's GGX lobe that lands on the sphere, so it is there next to the sphere (a rough
+    metal has no diffuse layer for the bounce to light) and nowhere far from it."""
+    gbuffer, camera = one_sphere_on_a_plane(floor=Material((1.0, 1.0, 1.0), metallic=1.0, roughness=0.9))
     space = screen_space(gbuffer, camera)
     ones = torch.ones(1, 3, *gbuffer.mask.shape)
-    floor = torch.from_numpy(gbuffer.position[..., 2] < 1e-3)
-    reflection = space.to_image(space.reflection(ones, lambda d: torch.zeros_like(d), ones[:, :1]))
-    assert reflection[0][:, floor].abs().max() == 0
+    floor = gbuffer.position[..., 2] < 1e-3
+    reflection = space.to_image(space.reflection(ones, lambda d: torch.zeros_like(d), ones[:, :1]))[0, 0].numpy()
+    distance = np.hypot(gbuffer.position[..., 0], gbuffer.position[..., 1])  # from the sphere's foot
+    near, far = floor & (distance < 1.3), floor & (distance > 2.5)
+    assert near.sum() > 50 and far.sum() > 50
+    assert reflection[near].mean() > 0.05 and np.abs(reflection[far]).mean() < 0.01
     first = space.bounce(ones)
     assert set(space._paths) == {"bounce", "reflection"}
     assert torch.equal(space.bounce(ones * 2), first * 2)  # linear in the radiance, the same rays
