@@ -4,8 +4,8 @@ The G-buffer is point-sampled at pixel centres (exact surface data, but a binary
 averages each pixel over its filter footprint: an edge pixel is partly object and partly what lies
 behind. With the coverage layer (the fraction of the footprint the objects cover, rendered through the
 scene's own pixel filter) the shaded image becomes a premultiplied one whose alpha is that coverage:
-over the world behind it, it blends like Cycles' edges. Pixels whose centre missed the objects but
-whose footprint did not take the mean shading of their foreground neighbours (3x3); coverage with no
+over the world behind it, it blends like Cycles' edges. Pixels whose centre missed the objects while
+their footprint did not take the mean shading of their foreground neighbours (3x3); coverage with no
 foreground neighbour at all (sub-pixel geometry between samples) has no shading to show and is dropped.
 """
 

@@ -176,10 +176,19 @@ class RelightCache:
 
 
 def cosine_weights(normals: torch.Tensor, rays: RaySet) -> torch.Tensor:
-    """max(n.w, 0) / (pdf N) per pixel and ray, (P, N, 1): with Li summed over the rays, the Monte Carlo
+    """max(n.w, 0) / (pdf N) per pixel and ray, (P, N): with Li summed over the rays, the Monte Carlo
     estimate of the irradiance E(n) that a Lambertian lobe's own estimate is proportional to."""
     cosine = (normals[:, None] * rays.directions).sum(-1).clamp(min=0)
-    return (cosine / (rays.pdf * rays.directions.shape[1]))[..., None]
+    return cosine / (rays.pdf * rays.directions.shape[1])
+
+
+def irradiance_estimate(normals: torch.Tensor, rays: RaySet, radiance: torch.Tensor) -> torch.Tensor:
+    """The rays' Monte Carlo estimate of E(n), (P, 3), from their radiance (1 or P, N, 3): one matrix
+    product (a batched one for per-pixel rays), no (P, N, 3) temporary."""
+    weights = cosine_weights(normals, rays)
+    if radiance.shape[0] == 1:
+        return weights @ radiance[0]
+    return torch.bmm(weights[:, None], radiance)[:, 0]
 
 
 def rotate_z(directions: torch.Tensor, angle: float) -> torch.Tensor:
@@ -287,7 +296,7 @@ class Renderer:
             colour[start:stop] = shader(pixels, rays, radiance)
             lambertian = model.shader.lambertian(pixels)
             if lambertian is not None:  # the control variate: the Lambertian lobe's exact integral for its estimate
-                estimate = (cosine_weights(pixels.normal, rays) * radiance).sum(1)
+                estimate = irradiance_estimate(pixels.normal, rays, radiance)
                 colour[start:stop] += lambertian / math.pi * (envmap.irradiance(pixels.normal) - estimate)
 
         self._chunks(model, len(prepared.pixels), options.rays, cancel, progress, work)
@@ -334,7 +343,7 @@ class Renderer:
             lambertian = model.shader.lambertian(pixels)
             if lambertian is not None:  # the control variate, as in shade()
                 diffuse[start:stop] = lambertian / math.pi
-                value = value - diffuse[start:stop, None] * cosine_weights(pixels.normal, rays)
+                value = value - diffuse[start:stop, None] * cosine_weights(pixels.normal, rays)[..., None]
             weights[:, start:stop] = value.permute(2, 0, 1)
 
         self._chunks(model, count, n, cancel, progress, work)
