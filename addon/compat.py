@@ -179,6 +179,18 @@ def compositor_tree(scene, name="PBNDS Compositing"):
     return scene.compositing_node_group
 
 
+def own_compositor_tree(scene, name):
+    """A new, empty compositor tree for ``scene`` (a temporary copy), never one it shares: the user's
+    compositor may hold Render Layers nodes of their own scene, which a render of the copy would render
+    too (with this add-on's engine: itself, recursively)."""
+    if not BLENDER_5:  # the copy's embedded tree is its own
+        scene.use_nodes = True
+        scene.node_tree.nodes.clear()
+        return scene.node_tree
+    scene.compositing_node_group = bpy.data.node_groups.new(name, "CompositorNodeTree")
+    return scene.compositing_node_group
+
+
 def compositor_output(tree):
     """The input socket whose image is the compositor's result (Group Output / Composite node)."""
     if not BLENDER_5:

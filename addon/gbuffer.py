@@ -367,7 +367,7 @@ def _setup_coverage(temp, scene):
 
 
 def _setup_compositor(temp, view_layer, out_dir, position, background, coverage):
-    tree = compat.compositor_tree(temp, "PBNDS G-buffer Output")
+    tree = compat.own_compositor_tree(temp, "PBNDS G-buffer Output")
     temp.render.use_compositing = True
     layers = tree.nodes.new("CompositorNodeRLayers")
     layers.scene = temp

@@ -262,6 +262,24 @@ def test_specular_follows_ior(tmp_path, open_fixture):
     assert expected["GoldMetal"] == pytest.approx(0.5 * 0.16955 + 0.5 * np.array([1.0, 0.766, 0.336]), abs=1e-4)
 
 
+def test_the_export_composites_in_a_tree_of_its_own(tmp_path, open_fixture):
+    """The user's compositor holds a Render Layers node of their scene (the add-on's write-back makes one).
+    The G-buffer render renders every scene its compositor names (the coverage scene is one), so the
+    temporary scene must not inherit that tree: with the PBNDS engine, the user's scene would render the
+    export again, recursively (seen on Blender 4.2). The user's tree is left as it was."""
+    from addon.scene_state import preserved, temporary_copy
+
+    scene = open_fixture("spheres")
+    layers = compat.compositor_tree(scene).nodes.new("CompositorNodeRLayers")
+    layers.scene = scene
+    nodes_before = sorted(node.name for node in compat.compositor_tree(scene).nodes)
+    with preserved(scene):
+        own = compat.own_compositor_tree(temporary_copy(scene, "PBNDS Test"), "PBNDS Test Output")
+        assert len(own.nodes) == 0 and own != compat.compositor_tree(scene)
+    gbuffer.export_job(scene, tmp_path, samples=1, width=SIZE, height=SIZE, hdri_width=16, shadow_map_size=0)
+    assert sorted(node.name for node in compat.compositor_tree(scene).nodes) == nodes_before
+
+
 def test_errors_name_the_cause(tmp_path, open_fixture):
     scene = open_fixture("spheres")
     world = scene.world
