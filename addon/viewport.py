@@ -274,7 +274,7 @@ class ViewportState:
 
     def _export(self, scene, view_matrix, window_matrix, size, options):
         """The job of the view's G-buffer (Cycles, one sample) with `options` written in it; its job.json path.
-        No coverage layer: its second Cycles session would add ~1.4 s to every camera or geometry change."""
+        No coverage layer: its second Cycles session would add to every camera or geometry change."""
         job_dir = self.workdir / "job"
         shutil.rmtree(job_dir, ignore_errors=True)
         with temporary_camera(scene, *camera_settings(view_matrix, window_matrix, *size)):
