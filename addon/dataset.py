@@ -128,9 +128,8 @@ def export_dataset(scene, out_dir, *, views=4, hdris=(None,), orbit=True, gt_sam
                         temp.world = hdri
                         select_lamps(temp, hdri)
                     temp.cycles.seed = (seed * 1000 + done) % 2**31
-                    temp.cycles.filter_width = filter_width  # the ground truth's and the coverage layer's
                     _export_sample(temp, folder, width, height, gt_samples, gbuffer_samples, denoise,
-                                   hdri_width, cancel_check, low)
+                                   filter_width, hdri_width, cancel_check, low)
             if low:
                 entry["cycles_low"] = low
             (out_dir / "dataset.json").write_text(json.dumps(index, indent=1))
@@ -150,8 +149,9 @@ def select_lamps(scene, world):
             ob.hide_render = ob["pbnds_lighting"] != world.name
 
 
-def _export_sample(temp, folder, width, height, gt_samples, gbuffer_samples, denoise, hdri_width,
+def _export_sample(temp, folder, width, height, gt_samples, gbuffer_samples, denoise, filter_width, hdri_width,
                    cancel_check, low):
+    temp.cycles.filter_width = filter_width  # before the export: its coverage layer takes the scene's filter
     gbuffer.export_job(temp, folder, samples=gbuffer_samples, width=width, height=height,
                        cancel_check=cancel_check, hdri_width=hdri_width)
     render = temp.render

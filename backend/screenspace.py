@@ -46,7 +46,7 @@ from . import brdf
 from .envmap import EnvironmentMap, luminance
 from .jobformat import Camera
 from .sampling import UNIFORM_SPHERE_PDF, cosine_local, ggx_directions, ggx_pdf, make_rays, to_world
-from .shaders import PixelInputs
+from .shaders import PixelInputs, layered_diffuse
 
 LIGHTS = 32  # HDRI directions for the visibility
 BOUNCE_RAYS = 8  # cosine rays per pixel for the bounce light
@@ -239,9 +239,7 @@ class ScreenSpace:
     @functools.cached_property
     def _diffuse_colour(self) -> torch.Tensor:
         """albedo (1 - the specular layer's albedo) per foreground pixel (P, 3): it does not change on a relight."""
-        materials = self.materials
-        n_dot_o = (self.normals * materials.wo).sum(-1, keepdim=True).clamp(min=brdf.EPS)
-        return materials.albedo * brdf.diffuse_weight_at(materials.specular, n_dot_o, materials.roughness)
+        return layered_diffuse(self.materials)
 
     def reflection(self, radiance: torch.Tensor, environment: Environment, visibility: torch.Tensor) -> torch.Tensor:
         """What pixels reflect of on-screen surfaces through their GGX lobe, per foreground pixel (P, 3),

@@ -36,6 +36,17 @@ class PixelInputs:
                                                      self.normal, self.wo)))
 
 
+def view_cosine(pixels: PixelInputs) -> torch.Tensor:
+    """n.o per pixel (P, 1), clamped to EPS as brdf.geometry clamps it."""
+    return (pixels.normal * pixels.wo).sum(-1, keepdim=True).clamp(min=brdf.EPS)
+
+
+def layered_diffuse(pixels: PixelInputs) -> torch.Tensor:
+    """albedo x (1 - the compensated GGX layer's albedo at n.o), (P, 3): the reflectance of the Lambertian
+    base under Cycles' Principled specular layer (brdf.diffuse_weight)."""
+    return pixels.albedo * brdf.diffuse_weight_at(pixels.specular, view_cosine(pixels), pixels.roughness)
+
+
 def monte_carlo(brdf_cos: torch.Tensor, radiance: torch.Tensor, pdf: torch.Tensor) -> torch.Tensor:
     """mean_k f_k cos_k Li_k / pdf_k over the ray axis."""
     return (brdf_cos * radiance / pdf[..., None]).mean(dim=1)
@@ -75,17 +86,17 @@ class _DiffuseSpecular(Shader):
     def specular_lobe(self, pixels, g):
         raise NotImplementedError
 
-    def diffuse_weight(self, pixels, g):
-        return brdf.diffuse_weight(pixels.specular, g)
+    def diffuse_weight(self, pixels, n_dot_o):
+        """(P, 3) from the view cosine (P, 1): per pixel, not per ray."""
+        return brdf.diffuse_weight_at(pixels.specular, n_dot_o)
 
     def brdf_cos(self, pixels, wi):
         g = brdf.geometry(pixels.normal, pixels.wo, wi)
-        diffuse = brdf.lambert(pixels.albedo, g) * self.diffuse_weight(pixels, g)
+        diffuse = brdf.lambert(pixels.albedo, g) * self.diffuse_weight(pixels, g.n_dot_o[:, 0])[:, None]
         return diffuse + self.specular_lobe(pixels, g)
 
     def lambertian(self, pixels):
-        g = brdf.geometry(pixels.normal, pixels.wo, pixels.normal[:, None])  # the weights depend on n.o alone
-        return pixels.albedo * self.diffuse_weight(pixels, g)[:, 0]
+        return pixels.albedo * self.diffuse_weight(pixels, view_cosine(pixels))
 
 
 class BlinnPhong(_DiffuseSpecular):
@@ -101,9 +112,9 @@ class GGX(_DiffuseSpecular):
     def specular_lobe(self, pixels, g):
         return brdf.ggx_specular(pixels.specular, pixels.roughness, g)
 
-    def diffuse_weight(self, pixels, g):
+    def diffuse_weight(self, pixels, n_dot_o):
         """1 - the compensated lobe's albedo, as Cycles' Principled BSDF layers its specular over the base."""
-        return brdf.diffuse_weight(pixels.specular, g, pixels.roughness)
+        return brdf.diffuse_weight_at(pixels.specular, n_dot_o, pixels.roughness)
 
 
 class LinearNeuralShader(Shader):
@@ -149,8 +160,7 @@ class LinearNeuralShader(Shader):
         return diffuse * gains[..., :3] + specular * gains[..., 3:]
 
     def lambertian(self, pixels):
-        n_dot_o = (pixels.normal * pixels.wo).sum(-1, keepdim=True).clamp(min=brdf.EPS)
-        return pixels.albedo * brdf.diffuse_weight_at(pixels.specular, n_dot_o, pixels.roughness)
+        return layered_diffuse(pixels)
 
 
 def positional_encoding(x: torch.Tensor, frequencies: int) -> torch.Tensor:
