@@ -31,6 +31,13 @@ How the G-buffer is made:
   COVERAGE_SAMPLES samples, no passes) renders only its alpha; the G-buffer scene's compositor reads it
   through a Render Layers node, so one render call makes both. The backend blends the shaded edge pixels
   with the world by it (docs/job-format.md, layer `coverage`).
+- back_depth: the depth of the second surface along each pixel's ray, where it leaves a closed object, so
+  the backend knows how thick the visible object is there (a torus's tube, not a guess). A second view
+  layer of the G-buffer scene renders at one sample with a material override that is transparent at the
+  first surface a ray meets (Light Path: Transparent Depth 0) and opaque behind it; Cycles writes the
+  Depth pass only at surfaces at least as opaque as the layer's alpha threshold, so its Depth is the
+  second surface's (1e10 where there is none: open meshes such as a ground plane). Counting surfaces
+  rather than testing Backfacing keeps meshes with flipped normals right.
 - lights (version 2): the scene's light objects (addon/lights.py) and the suns of its Sky Textures
   (world.world_suns), at the exported frame. What the job cannot carry (emissive meshes, volumes,
   light linking, ...) is returned as warnings, one per problem and object.
@@ -57,6 +64,7 @@ _PASS_LAYERS = (("normal", "VECTOR", "Normal"), ("depth", "FLOAT", "Depth"),
 _AOV_LAYERS = (("albedo", "COLOR"), ("specular", "COLOR"), ("roughness", "VALUE"), ("metallic", "VALUE"))
 # Samples of the coverage render: its alpha is an average of this many hits or misses per pixel.
 COVERAGE_SAMPLES = 16
+SECOND_SURFACE_LAYER = "PBNDS second surface"
 
 
 def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=None, frame=None,
@@ -72,8 +80,8 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
     ``background`` the render's Environment pass (the world where no surface is hit, 0 elsewhere)
     is written to ``out_dir``/background.exr too: the backdrop of an opaque film at no extra render
     (not part of the job). ``coverage`` adds the coverage layer (anti-aliased edges; a second Cycles
-    session in the same render call, ~0.25 s more at 256x256 on 2 idle CPU cores). The scene is left as
-    it was in every case.
+    session in the same render call, ~0.25 s more at 256x256 on 2 idle CPU cores). The back_depth layer
+    is always written (one sample of a second view layer). The scene is left as it was in every case.
     """
     out_dir = Path(out_dir).resolve()
 
@@ -92,8 +100,9 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
         temp = temporary_copy(scene, "PBNDS G-buffer")
         view_layer = _setup_render(temp, scene, width, height, samples, frame)
         _setup_materials()
-        coverage = _setup_coverage(temp, scene) if coverage else None
-        _setup_compositor(temp, view_layer, out_dir, position, background, coverage)
+        extra = [("coverage", _setup_coverage(temp, scene), "Alpha")] if coverage else []
+        extra.append(("back_depth", _setup_second_surface(temp), "Depth"))
+        _setup_compositor(temp, view_layer, out_dir, position, background, extra)
         matrices = camera_matrices(temp, view_layer, width, height)
         job_lights, light_warnings = lights.export_lights(temp, view_layer.depsgraph)
         step(0.1, "Rendering G-buffer")
@@ -367,7 +376,35 @@ def _setup_coverage(temp, scene):
     return view_layer
 
 
-def _setup_compositor(temp, view_layer, out_dir, position, background, coverage):
+def _setup_second_surface(temp):
+    """A one-sample view layer of ``temp`` whose Depth pass is the second surface's depth (module docstring)."""
+    material = bpy.data.materials.new("PBNDS second surface")
+    tree = compat.node_tree(material)
+    nodes, links = tree.nodes, tree.links
+    nodes.clear()
+    passed = nodes.new("ShaderNodeMath")  # 1 once the ray has passed through a surface
+    passed.operation = "GREATER_THAN"
+    passed.inputs[1].default_value = 0.5
+    links.new(nodes.new("ShaderNodeLightPath").outputs["Transparent Depth"], passed.inputs[0])
+    mix = nodes.new("ShaderNodeMixShader")
+    links.new(passed.outputs[0], mix.inputs["Fac"])
+    links.new(nodes.new("ShaderNodeBsdfTransparent").outputs[0], mix.inputs[1])
+    # opaque and black; an emission closure, since a holdout ends the path before Cycles writes any pass
+    opaque = nodes.new("ShaderNodeEmission")
+    opaque.inputs["Strength"].default_value = 0.0
+    links.new(opaque.outputs[0], mix.inputs[2])
+    links.new(mix.outputs[0], nodes.new("ShaderNodeOutputMaterial").inputs["Surface"])
+    view_layer = temp.view_layers.new(SECOND_SURFACE_LAYER)
+    view_layer.samples = 1
+    view_layer.use_pass_z = True
+    view_layer.pass_alpha_threshold = 0.5
+    view_layer.material_override = material
+    return view_layer
+
+
+def _setup_compositor(temp, view_layer, out_dir, position, background, extra):
+    """The File Output writing ``view_layer``'s layers, plus each (layer name, other view layer, its pass
+    output) of ``extra``."""
     tree = compat.own_compositor_tree(temp, "PBNDS G-buffer Output")
     temp.render.use_compositing = True
     layers = tree.nodes.new("CompositorNodeRLayers")
@@ -377,11 +414,11 @@ def _setup_compositor(temp, view_layer, out_dir, position, background, coverage)
     items += [(name, "FLOAT", name) for name, kind in _AOV_LAYERS if kind == "VALUE"]
     items += list(_PASS_LAYERS) + ([("position", "VECTOR", "Position")] if position else [])
     out = compat.multilayer_file_output(tree, out_dir, "gbuffer", [item[:2] for item in items]
-                                        + ([("coverage", "FLOAT")] if coverage else []))
-    if coverage:
-        cover = tree.nodes.new("CompositorNodeRLayers")
-        cover.scene, cover.layer = coverage.id_data, coverage.name
-        tree.links.new(cover.outputs["Alpha"], out.inputs["coverage"])
+                                        + [(name, "FLOAT") for name, _, _ in extra])
+    for name, other, output in extra:
+        node = tree.nodes.new("CompositorNodeRLayers")
+        node.scene, node.layer = other.id_data, other.name
+        tree.links.new(node.outputs[output], out.inputs[name])
     for name, socket_type, source in items:
         if source not in layers.outputs:
             raise ExportError(f"the Render Layers node has no '{source}' pass output")

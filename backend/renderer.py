@@ -107,6 +107,8 @@ class PreparedGBuffer:
 
         images = {name: image(getattr(gbuffer, name)) for name in ("albedo", "normal", "ao", "depth", "mask")}
         images["position"] = image(position)
+        if gbuffer.back_depth is not None:
+            images["back_depth"] = image(gbuffer.back_depth)
         return cls(height, width, torch.from_numpy(index).to(device), pixels, pick(position.astype(np.float32)),
                    images, gbuffer.mask, camera, gbuffer.coverage)
 
@@ -121,7 +123,7 @@ class PreparedGBuffer:
     def _screen_space(self, budget: int) -> ScreenSpace:
         images = self.images
         return ScreenSpace(images["position"], images["normal"], images["depth"], images["mask"], self.pixels,
-                           self.camera, budget=budget)
+                           self.camera, budget=budget, back_depth=images.get("back_depth"))
 
     def transport(self, envmap: EnvironmentMap, rotation: float, unshadowed: torch.Tensor,
                   lights: torch.Tensor, preview: bool = False) -> Transport:
@@ -132,11 +134,12 @@ class PreparedGBuffer:
         if rotation:
             directions = rotate_z(directions, rotation)
 
-        def environment(world: torch.Tensor) -> torch.Tensor:
-            return envmap.lookup(rotate_z(world, -rotation) if rotation else world)
+        def in_map(world: torch.Tensor) -> torch.Tensor:
+            return rotate_z(world, -rotation) if rotation else world
 
         screen_space = self.preview_screen_space if preview else self.screen_space
-        return screen_space.transport(directions, weights, environment, unshadowed, lights)
+        return screen_space.transport(directions, weights, lambda world: envmap.lookup(in_map(world)),
+                                      lambda normals: envmap.irradiance(in_map(normals)), unshadowed, lights)
 
 
 def chunk_pixels(model: ShadingModel, rays: int, device: torch.device) -> int:

@@ -11,6 +11,11 @@ shows of the scene corrects that physically, before any network (the shadow net 
 - bounce (1, 3, H, W): light that on-screen surfaces send into the pixel's diffuse layer,
   albedo (1 - the specular layer's albedo) mean_k L(hit_k) over cosine-distributed rays, where L is the
   direct-lit image at the pixel a ray hits (a ray that escapes sees the HDRI, which the shading holds).
+  A ray that meets the side of an object the camera does not see (the surface at its hit pixel faces away
+  from it: the inside of a torus's near tube seen from the hole, a ball's far side seen from the floor
+  behind it) takes that side as diffuse, of the visible side's albedo, facing the ray: L = albedo E(-d) / pi
+  with E the HDRI's irradiance. Without it the visibility takes the HDRI light such a ray blocks away and
+  nothing gives any back: concave objects come out too dark.
 - reflection (1, 3, H, W): the same through every pixel's GGX lobe, mean_k (f cos / pdf)_k
   (L(hit_k) - V L_env(d_k)): objects seen in a glossy floor, the sunlit ground in a rough metal's side,
   in place of the sky the shading put there (which the visibility V already dimmed; negative where a dark
@@ -18,9 +23,14 @@ shows of the scene corrects that physically, before any network (the shadow net 
   diffuse layer for the bounce to light, so without them its faces towards a lit floor stay dark.
 
 A ray is marched through the depth buffer in STEPS steps up to REACH x the median foreground depth (so
-nothing depends on the scene's units); a step is blocked where it lies behind the visible surface by more
-than a tolerance and less than a thickness (THICKNESS x n.wo: objects are assumed that solid behind
-their visible surface, thinner towards their silhouettes). Step positions are jittered
+nothing depends on the scene's units). A step is blocked where the last SEGMENT of its way from the previous
+step overlaps the object at its pixel, from the visible surface (plus a tolerance) to the object's back: the
+G-buffer's back_depth layer, the second surface along the pixel's ray, where it has one; else (open meshes
+such as a ground plane, or no such layer) a guess, THICKNESS x n.wo behind the surface (objects assumed
+that solid, thinner towards their silhouettes; too thick for a torus's tube or a ball in the air, which
+then shadow like long columns). Testing part of the way, not only the step's point, keeps a thin object
+between two steps from being skipped; the whole way would take a ray that passes just behind an
+object's rim for blocked. Step positions are jittered
 per pixel and ray: fixed positions find a thin occluder at the same distances from every pixel and draw
 repeated "ghost" copies of its shadow in stripes; jittered ones turn that into noise, which an
 edge-aware (tangent plane and normal) filter removes. A hit below the start's tangent plane is
@@ -38,6 +48,7 @@ import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +64,9 @@ BOUNCE_RAYS = 8  # cosine rays per pixel for the bounce light
 REFLECTION_RAYS = 4  # GGX rays per pixel for the reflections
 STEPS = 16  # march steps per ray
 REACH = 1.0  # march length, x median foreground depth
-THICKNESS = 0.25  # a surface blocks points up to this far behind it, x median foreground depth x n.wo
+THICKNESS = 0.25  # without a back_depth: a surface blocks points up to this far behind it, x median depth x n.wo
+SEGMENT = 0.25  # a step tests this share of its way from the previous step against the object it lands on
+NO_BACK_FACE = 1e9  # back_depth at or beyond this: no second surface behind the pixel (Cycles writes 1e10)
 MIN_FACING = 0.2  # ... with n.wo at least this
 TOLERANCE = 0.003  # ... and further behind than this, x the step's depth (depth-buffer precision)
 OFFSET = 0.005  # rays start this far off the surface along its normal, x the pixel's depth
@@ -65,6 +78,17 @@ FILTER_LEVELS = 2  # a-trous passes of the edge-aware filter (half width 3 pixel
 INDIRECT_FILTER_LEVELS = 3  # ... the bounce's and reflections' (half width 7: fewer rays, smoother light)
 TAPS = [(dy, dx) for dy in range(3) for dx in range(3)]  # a 3 x 3 kernel's taps, in steps from the top left
 Environment = Callable[[torch.Tensor], torch.Tensor]  # world directions (..., 3) -> the HDRI's radiance (..., 3)
+Irradiance = Callable[[torch.Tensor], torch.Tensor]  # unit normals (..., 3) -> the HDRI's irradiance E(n) (..., 3)
+
+
+class Paths(NamedTuple):
+    """Rays of the marchers, marched once: directions (M, K, 3), the pixel each hits (M, K), its weight (M, K, 1
+    or 3), 0 where no surface facing the ray is seen, and whether it hit the unseen side of one (M, K)."""
+
+    directions: torch.Tensor
+    index: torch.Tensor
+    weight: torch.Tensor
+    hidden: torch.Tensor
 
 
 @dataclass
@@ -100,9 +124,11 @@ class ScreenSpace:
     (on first use) and a relight only gathers the new radiance there; the visibility is marched per HDRI."""
 
     def __init__(self, position: torch.Tensor, normal: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor,
-                 pixels: PixelInputs, camera: Camera, *, seed: int = 0, budget: int = MARCH_BUDGET):
-        """position, normal (1, 3, H, W) world space; depth, mask (1, 1, H, W), depth along the view axis;
-        pixels: the foreground pixels' materials and view directions, in the mask's row-major order."""
+                 pixels: PixelInputs, camera: Camera, *, seed: int = 0, budget: int = MARCH_BUDGET,
+                 back_depth: torch.Tensor | None = None):
+        """position, normal (1, 3, H, W) world space; depth, mask, back_depth (1, 1, H, W), depth along the view
+        axis of the visible surface and of the second surface along the pixel's ray; pixels: the foreground pixels'
+        materials and view directions, in the mask's row-major order."""
         device = position.device
         self.height, self.width = height, width = depth.shape[-2:]
         self.depth, self.mask, self.materials, self.seed = depth, mask, pixels, seed
@@ -132,13 +158,18 @@ class ScreenSpace:
         # behind an object's rim is not taken for blocked.
         facing = torch.zeros(height * width, device=device)
         facing[self.pixels] = (self.normals * pixels.wo).sum(-1).clamp(MIN_FACING, 1)
-        self.thickness_map = F.pad((THICKNESS * self.scale * facing).view(height, width), (1, 1, 1, 1)).flatten()
+        thickness = (THICKNESS * self.scale * facing).view(height, width)
+        if back_depth is not None:  # measured where a second surface lies behind the visible one
+            measured = back_depth[0, 0] - depth[0, 0]
+            known = foreground & (measured > TOLERANCE * depth[0, 0]) & (back_depth[0, 0] < NO_BACK_FACE)
+            thickness = torch.where(known, measured, thickness)
+        self.thickness_map = F.pad(thickness, (1, 1, 1, 1)).flatten()
         # Homogeneous transforms are linear: clip(start + t d) = clip(start) + t clip(d, w=0); the same for
         # the view-axis depth (the camera looks down its -Z). Rows: clip x, clip y, clip w, view depth.
         world_to_camera = torch.as_tensor(camera.world_to_camera, dtype=torch.float32, device=device)
         projection = torch.as_tensor(camera.projection, dtype=torch.float32, device=device)
         self.to_screen = torch.stack([*(projection @ world_to_camera)[[0, 1, 3]], -world_to_camera[2]])  # (4, 4)
-        self._paths: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._paths: dict[str, Paths] = {}
         self._weights: dict[int, list[torch.Tensor]] = {}  # a-trous level -> its taps' weights
 
     def _uniforms(self, shape: tuple[int, ...], stream: int) -> torch.Tensor:
@@ -165,8 +196,13 @@ class ScreenSpace:
             col = (x / w + 1).mul_(width / 2).floor_().clamp_(-1, width).add_(1)  # in the padded map
             row = (1 - y / w).mul_(height / 2).floor_().clamp_(-1, height).add_(1)
             index = (row * (width + 2) + col).long()
-            behind = view_depth - self.depth_map[index]
-            blocked = (behind > TOLERANCE * view_depth) & (behind < self.thickness_map[index])
+            # blocked: the last SEGMENT of the way from the previous step overlaps the object at this step's pixel,
+            # from its visible surface to its back (see the module docstring)
+            front = self.depth_map[index]
+            previous = torch.cat([base[3].expand(*view_depth.shape[:-1], 1), view_depth[..., :-1]], -1)
+            start = view_depth + SEGMENT * (previous - view_depth)
+            blocked = ((torch.maximum(start, view_depth) - front > TOLERANCE * view_depth)
+                       & (torch.minimum(start, view_depth) - front < self.thickness_map[index]))
             first = blocked.to(torch.uint8).argmax(-1, keepdim=True)  # the first blocked step
             hit_row = row.gather(-1, first)[..., 0].long() - 1
             hit_col = col.gather(-1, first)[..., 0].long() - 1
@@ -193,34 +229,34 @@ class ScreenSpace:
         out = self.to_image(share[:, None]) + (1 - self.mask)
         return self.smooth(out).clamp(0, 1)
 
-    def _trace(self, directions: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(hit pixel (M, K), seen (M, K)): where the marchers' rays land on an on-screen surface facing them."""
+    def _trace(self, directions: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(hit pixel, seen, hidden), (M, K) each: where the marchers' rays land, whether on an on-screen
+        surface facing them, or on the unseen side of one (the surface at the hit pixel faces away)."""
         hits = self.march(directions, self._uniforms(directions.shape[:2], stream))
         index = hits.clamp(min=0)
         facing = (self.normal_map[index] * directions).sum(-1) < 0
-        return index, (hits >= 0) & facing
+        return index, (hits >= 0) & facing, (hits >= 0) & ~facing
 
-    def _bounce_paths(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Cosine rays: (directions, hit pixel (M, K), weight (M, K, 1)), the weight 1 / K where a surface is seen."""
+    def _bounce_paths(self) -> Paths:
+        """Cosine rays, of weight 1 / K where a surface is seen."""
         local = cosine_local(self._uniforms((len(self.starts), BOUNCE_RAYS, 2), 1))
         directions = to_world(local, self.normals[self.marchers])
-        index, seen = self._trace(directions, 1)
-        return directions, index, (seen / BOUNCE_RAYS)[..., None]
+        index, seen, hidden = self._trace(directions, 1)
+        return Paths(directions, index, (seen / BOUNCE_RAYS)[..., None], hidden)
 
-    def _reflection_paths(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """GGX rays of the marchers: (directions, hit pixel (M, K), weight f cos / (pdf K) (M, K, 3), 0 where
-        not seen)."""
+    def _reflection_paths(self) -> Paths:
+        """GGX rays, of weight f cos / (pdf K) where a surface is seen."""
         m, materials = self.marchers, self.materials
         normals, wo, roughness = self.normals[m], materials.wo[m], materials.roughness[m]
         alpha = brdf.ggx_alpha(roughness)
         directions = ggx_directions(self._uniforms((len(m), REFLECTION_RAYS, 2), 2), normals, wo, alpha)
-        index, seen = self._trace(directions, 2)
+        index, seen, hidden = self._trace(directions, 2)
         g = brdf.geometry(normals, wo, directions)
         pdf = ggx_pdf(directions, normals, wo, alpha).clamp(min=1e-6)[..., None]
         weight = brdf.ggx_specular(materials.specular[m], roughness, g) / (pdf * REFLECTION_RAYS)
-        return directions, index, weight * seen[..., None]
+        return Paths(directions, index, weight * seen[..., None], hidden)
 
-    def _paths_of(self, term: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _paths_of(self, term: str) -> Paths:
         if term not in self._paths:
             self._paths[term] = self._bounce_paths() if term == "bounce" else self._reflection_paths()
         return self._paths[term]
@@ -229,12 +265,22 @@ class ScreenSpace:
         """sum_k weight_k radiance(hit_k) per marcher (M, 3) from an image (1, 3, H, W)."""
         return (radiance[0].flatten(1).T[index] * weight).sum(1)
 
-    def bounce(self, radiance: torch.Tensor) -> torch.Tensor:
+    def bounce(self, radiance: torch.Tensor, irradiance: Irradiance) -> torch.Tensor:
         """One-bounce diffuse light per foreground pixel (P, 3) from the direct-lit image `radiance` (1, 3, H, W):
-        albedo (1 - the specular's albedo) x the mean radiance that cosine rays find on screen. (The HDRI
-        light that those surfaces block is what the visibility takes away.)"""
-        _, index, weight = self._paths_of("bounce")
-        return self._diffuse_colour * self._gather(index, weight, radiance)[self.follows]
+        albedo (1 - the specular's albedo) x the mean radiance that cosine rays find on screen, or on the unseen
+        sides of objects (module docstring; from the HDRI's `irradiance`). (The HDRI light that those surfaces
+        block is what the visibility takes away.)"""
+        paths = self._paths_of("bounce")
+        unseen = (self._unseen_albedo * irradiance(-paths.directions)).sum(1) / BOUNCE_RAYS
+        light = self._gather(paths.index, paths.weight, radiance) + unseen
+        return self._diffuse_colour * light[self.follows]
+
+    @functools.cached_property
+    def _unseen_albedo(self) -> torch.Tensor:
+        """albedo / pi (M, K, 3) where a bounce ray meets the unseen side of a surface (of its hit pixel's diffuse
+        colour), else 0: it does not change on a relight."""
+        paths = self._paths_of("bounce")
+        return self.to_image(self._diffuse_colour)[0].flatten(1).T[paths.index] * paths.hidden[..., None] / math.pi
 
     @functools.cached_property
     def _diffuse_colour(self) -> torch.Tensor:
@@ -246,19 +292,19 @@ class ScreenSpace:
         in place of the HDRI that the shading reflected along those rays (the shaded image holds it times
         the pixel's visibility (1, 1, H, W)): sum_k f cos / pdf (L(hit_k) - V L_env(d_k)) / K. It is negative
         where a dark object hides a bright sky in a glossy floor."""
-        directions, index, weight = self._paths_of("reflection")
+        directions, index, weight, _ = self._paths_of("reflection")
         seen_sky = (environment(directions) * weight).sum(1)[self.follows]
         shown = visibility.flatten()[self.pixels, None]
         return self._gather(index, weight, radiance)[self.follows] - shown * seen_sky
 
     def transport(self, directions: torch.Tensor, weights: torch.Tensor, environment: Environment,
-                  unshadowed: torch.Tensor, lights: torch.Tensor) -> Transport:
-        """All three terms for HDRI light directions (K, 3) of weights (K,), the HDRI's radiance by direction,
-        its unshadowed shading and the lamps' shadowed light (1, 3, H, W): the bounce and the reflections
+                  irradiance: Irradiance, unshadowed: torch.Tensor, lights: torch.Tensor) -> Transport:
+        """All three terms for HDRI light directions (K, 3) of weights (K,), the HDRI's radiance by direction and
+        irradiance by normal, its unshadowed shading and the lamps' shadowed light (1, 3, H, W): the bounce and the reflections
         carry the direct-lit image, unshadowed x visibility + lights. Filtered together."""
         visibility = self.visibility(directions, weights)
         direct = unshadowed * visibility + lights
-        both = torch.cat([self.bounce(direct), self.reflection(direct, environment, visibility)], -1)
+        both = torch.cat([self.bounce(direct, irradiance), self.reflection(direct, environment, visibility)], -1)
         both = self.smooth(self.to_image(both), INDIRECT_FILTER_LEVELS)
         return Transport(visibility, both[:, :3], both[:, 3:])
 

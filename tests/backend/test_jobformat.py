@@ -57,6 +57,8 @@ def _first_foreground(job_dir):
     (lambda c, fg: c.pop("albedo.G"), "layer 'albedo' needs channels"),
     (lambda c, fg: c["albedo.R"].__setitem__(fg, np.nan), "layer 'albedo' holds NaN or Inf"),
     (lambda c, fg: c["depth.Y"].__setitem__(fg, np.inf), "layer 'depth' holds NaN or Inf"),
+    (lambda c, fg: c["back_depth.Y"].__setitem__(fg, np.nan), "layer 'back_depth' holds NaN or Inf"),
+    (lambda c, fg: c["back_depth.Y"].__setitem__(fg, -np.inf), "layer 'back_depth' holds NaN or Inf"),
     (lambda c, fg: c["normal.X"].__setitem__(fg, 3.0), "layer 'normal' is not unit length"),
     (lambda c, fg: c["roughness.Y"].__setitem__(fg, 1.5), "layer 'roughness' must lie in [0, 1]"),
 ])
@@ -74,6 +76,13 @@ def test_background_may_hold_anything(job_dir):
         channels["normal.X"][background] = np.nan
     _rewrite_gbuffer(job_dir, edit)
     load_job(job_dir)
+
+
+def test_no_back_face_may_be_written_as_infinity(job_dir):
+    def edit(channels):
+        channels["back_depth.Y"][:] = np.inf
+    _rewrite_gbuffer(job_dir, edit)
+    assert np.isinf(load_job(job_dir).gbuffer.back_depth).all()
 
 
 def test_wrong_size_layer(job_dir):

@@ -53,7 +53,7 @@ def screen_space(gbuffer, camera, **kwargs) -> ScreenSpace:
     prepared = PreparedGBuffer.build(gbuffer, camera, "cpu")
     images = prepared.images
     return ScreenSpace(images["position"], images["normal"], images["depth"], images["mask"], prepared.pixels, camera,
-                       **kwargs)
+                       back_depth=images.get("back_depth"), **kwargs)
 
 
 def components(mask, smallest=4):
@@ -104,6 +104,30 @@ def test_a_sphere_on_a_plane_casts_one_shadow_of_the_ray_traced_area(row, col):
     assert components(shadowed) <= components(expected)
     assert (shadowed & ~dilate(expected, 2)).sum() < 0.03 * expected.sum()
     assert visibility[gbuffer.mask == 0].min() == 1.0
+
+
+@pytest.mark.parametrize("row, col", [(28, 80), (36, 128)])
+def test_a_floating_ball_casts_a_shadow_of_its_size_from_its_back_depth(row, col):
+    """A ball of radius 0.2 hanging 0.7 above the floor. Its back_depth says it is 0.4 deep, so rays that pass
+    behind it reach the sun; without the layer the guessed thickness (a quarter of the scene's depth) makes
+    it a long column whose shadow is twice too large."""
+    hdri, sun = sun_hdri(row, col, height=128)
+    ball = ((0.0, 0.0, 0.9), 0.2)
+    camera = Camera(look_at((0.0, -4.0, 2.6), (0.0, 0.0, 0.3)), perspective(40.0, 240 / 180))
+    gbuffer = trace(camera, 240, 180, [Plane(0.0, 3.0, Material((0.5, 0.5, 0.5), roughness=0.8)),
+                                       Sphere(*ball, Material())])
+    directions, weights = light_directions(EnvironmentMap(hdri))
+    ground = (gbuffer.mask > 0) & (gbuffer.normal[..., 2] > 0.99)
+    expected, _ = ray_hits_spheres(gbuffer.position + 1e-3 * gbuffer.normal, sun, [ball])
+    expected &= ground
+    assert expected.sum() > 200
+
+    def shadow_area(gbuffer):
+        return (1 - screen_space(gbuffer, camera).visibility(directions, weights)[0, 0].numpy())[ground].sum()
+
+    assert abs(shadow_area(gbuffer) / expected.sum() - 1) < 0.25
+    gbuffer.back_depth = None
+    assert shadow_area(gbuffer) / expected.sum() > 1.8
 
 
 def test_the_demo_scenes_shadows_match_ray_traced_ones_on_the_ground():
@@ -190,7 +214,7 @@ def test_the_bounce_light_of_a_glowing_sphere_matches_its_form_factor():
     space = screen_space(gbuffer, camera)
     sphere = (gbuffer.mask > 0) & (gbuffer.position[..., 2] > 1e-3)
     radiance = torch.from_numpy(np.where(sphere[..., None], 1.0, 0.0).astype(np.float32)).permute(2, 0, 1)[None]
-    bounce = space.to_image(space.bounce(radiance))[0, 0].numpy()
+    bounce = space.to_image(space.bounce(radiance, torch.zeros_like))[0, 0].numpy()  # a black sky
     offset = np.array([0.0, 0.0, 0.5]) - gbuffer.position
     distance = np.linalg.norm(offset, axis=-1)
     cos_theta = offset[..., 2] / np.maximum(distance, 1e-6)
@@ -203,6 +227,31 @@ def test_the_bounce_light_of_a_glowing_sphere_matches_its_form_factor():
     assert bounce[sphere].max() < 1e-6  # a convex object does not light itself
     far = (gbuffer.mask > 0) & ~sphere & (distance > 2.5)
     assert bounce[far].mean() < 0.2 * expected[far].mean() + 1e-3
+
+
+def test_the_floor_behind_a_ball_receives_its_whole_form_factor_from_the_side_the_camera_does_not_see():
+    """A white matte ball of radiance 1 under a uniform sky of radiance 1 (E = pi for every normal, so its side
+    that the camera does not see is taken to be as bright: albedo E / pi = 1), seen from above: the floor
+    behind it, which faces mostly that side, receives the ball's whole form factor cos(theta) (r / d)^2.
+    Without the unseen side (a black sky) it would receive less than half of it."""
+    white = Material((1.0, 1.0, 1.0), roughness=1.0, specular_level=0.0)
+    camera = Camera(look_at((0.0, -2.5, 5.0), (0.0, 0.3, 0.0)), perspective(40.0, 4 / 3))
+    gbuffer = trace(camera, 160, 120, [Plane(0.0, 3.0, white), Sphere((0.0, 0.0, 0.5), 0.5, white)])
+    space = screen_space(gbuffer, camera)
+    sphere = (gbuffer.mask > 0) & (gbuffer.position[..., 2] > 1e-3)
+    radiance = torch.from_numpy(np.where(sphere[..., None], 1.0, 0.0).astype(np.float32)).permute(2, 0, 1)[None]
+    offset = np.array([0.0, 0.0, 0.5]) - gbuffer.position
+    distance = np.linalg.norm(offset, axis=-1)
+    expected = offset[..., 2] / np.maximum(distance, 1e-6) * (0.5 / np.maximum(distance, 1e-6)) ** 2
+    behind = (gbuffer.mask > 0) & ~sphere & (gbuffer.position[..., 1] > 0.6) & (distance < 1.4)
+    assert behind.sum() > 100
+
+    def received(sky: float) -> float:
+        irradiance = lambda normals: torch.full_like(normals, math.pi * sky)  # noqa: E731
+        return space.to_image(space.bounce(radiance, irradiance))[0, 0].numpy()[behind].mean() / expected[behind].mean()
+
+    assert abs(received(1.0) - 1) < 0.2
+    assert received(0.0) < 0.5
 
 
 def test_a_mirror_floor_reflects_the_sphere_in_place_of_the_sky():
@@ -240,9 +289,9 @@ def test_rough_metal_reflects_what_stands_on_it_and_the_paths_are_kept_for_relig
     near, far = floor & (distance < 1.3), floor & (distance > 2.5)
     assert near.sum() > 50 and far.sum() > 50
     assert reflection[near].mean() > 0.05 and np.abs(reflection[far]).mean() < 0.01
-    first = space.bounce(ones)
+    first = space.bounce(ones, torch.zeros_like)
     assert set(space._paths) == {"bounce", "reflection"}
-    assert torch.equal(space.bounce(ones * 2), first * 2)  # linear in the radiance, the same rays
+    assert torch.equal(space.bounce(ones * 2, torch.zeros_like), first * 2)  # linear in the radiance, the same rays
 
 
 def test_the_transport_net_starts_at_the_physical_terms_and_stays_bounded():

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.blender
 SIZE = 64
 CHANNELS = {"albedo.R", "albedo.G", "albedo.B", "albedo.A", "specular.R", "specular.G", "specular.B",
             "specular.A", "roughness.V", "metallic.V", "normal.X", "normal.Y", "normal.Z", "depth.V",
-            "ao.V", "mask.V", "position.X", "position.Y", "position.Z", "coverage.V"}
+            "ao.V", "mask.V", "position.X", "position.Y", "position.Z", "coverage.V", "back_depth.V"}
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +47,13 @@ def pixel_ray(job, row, col):
     return d / np.linalg.norm(d)
 
 
+def sphere_hits(job, row, col, centre, radius):
+    """Distances along the ray through pixel (row, col) where it enters and leaves the sphere."""
+    c = (np.array(job["camera"]["world_to_camera"]) @ np.array([*centre, 1.0]))[:3]
+    b = pixel_ray(job, row, col) @ c
+    return b + np.array([-1, 1]) * np.sqrt(b * b - (c @ c - radius * radius))
+
+
 def test_job_json_and_layers(spheres_job):
     path, job, layers = spheres_job
     assert job["format"] == "pbnds-job" and job["version"] == 2 and job["lights"] == []
@@ -64,6 +71,11 @@ def test_job_json_and_layers(spheres_job):
         assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1, name
     length = np.linalg.norm(layers["normal"][fg], axis=-1)
     assert np.abs(length - 1).max() < 1e-2
+    # back faces: the spheres' lie behind their visible surface; the ground plane has none (Cycles' 1e10)
+    ground = fg & (layers["position"][..., 2] < 1e-3)
+    assert ground.mean() > 0.2 and (layers["back_depth"][ground] >= 1e9).mean() > 0.99
+    spheres = fg & (layers["position"][..., 2] > 0.05)
+    assert (layers["back_depth"][spheres] > layers["depth"][spheres]).mean() > 0.99
 
 
 def test_backdrop_is_the_world_cycles_renders(spheres_job, tmp_path):
@@ -131,15 +143,29 @@ def test_material_values_depth_and_projection(spheres_job, name):
     assert layers["metallic"][row, col] == pytest.approx(metallic, abs=1e-3)
     # Analytic ray-sphere hit through this pixel's centre, in camera space.
     view = np.array(job["camera"]["world_to_camera"])
-    c = (view @ np.array([*centre, 1.0]))[:3]
     d = pixel_ray(job, row, col)
-    b = d @ c
-    t = b - np.sqrt(b * b - (c @ c - radius * radius))
+    t, leaves = sphere_hits(job, row, col, centre, radius)
     hit = d * t
     assert layers["depth"][row, col] == pytest.approx(-hit[2], abs=5e-3)  # along the view axis
+    assert layers["back_depth"][row, col] == pytest.approx(-(d * leaves)[2], abs=5e-3)  # where the ray leaves
     hit_world = np.linalg.inv(view) @ np.array([*hit, 1.0])
     np.testing.assert_allclose(layers["position"][row, col], hit_world[:3], atol=5e-3)
     np.testing.assert_allclose(layers["normal"][row, col], (hit_world[:3] - centre) / radius, atol=2e-2)
+
+
+def test_back_depth_is_where_the_ray_leaves_a_sphere_with_flipped_normals(tmp_path, open_fixture):
+    """The second surface along the ray, not the first back face: an inside-out mesh (a common modelling
+    slip) still gets its true thickness, not 0."""
+    scene = open_fixture("spheres")
+    centre, radius = SPHERES["RedRough"][:2]
+    bpy.data.objects["RedRough"].data.flip_normals()
+    path = gbuffer.export_job(scene, tmp_path, samples=1, width=SIZE, height=SIZE, hdri_width=16, shadow_map_size=0)
+    job, layers = json.loads(path.read_text()), read_exr(tmp_path / "gbuffer.exr")
+    row, col = project(job, centre)
+    t, leaves = sphere_hits(job, row, col, centre, radius)
+    d = pixel_ray(job, row, col)
+    assert layers["depth"][row, col] == pytest.approx(-(d * t)[2], abs=5e-3)
+    assert layers["back_depth"][row, col] == pytest.approx(-(d * leaves)[2], abs=5e-3)
 
 
 def test_suzanne_procedural_and_sky(tmp_path, open_fixture):
