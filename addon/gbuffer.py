@@ -31,13 +31,15 @@ How the G-buffer is made:
   COVERAGE_SAMPLES samples, no passes) renders only its alpha; the G-buffer scene's compositor reads it
   through a Render Layers node, so one render call makes both. The backend blends the shaded edge pixels
   with the world by it (docs/job-format.md, layer `coverage`).
-- back_depth: the depth of the second surface along each pixel's ray, where it leaves a closed object, so
-  the backend knows how thick the visible object is there (a torus's tube, not a guess). A second view
-  layer of the G-buffer scene renders at one sample with a material override that is transparent at the
-  first surface a ray meets (Light Path: Transparent Depth 0) and opaque behind it; Cycles writes the
-  Depth pass only at surfaces at least as opaque as the layer's alpha threshold, so its Depth is the
-  second surface's (1e10 where there is none: open meshes such as a ground plane). Counting surfaces
-  rather than testing Backfacing keeps meshes with flipped normals right.
+- back_depth, next_depth: the depths of the second and third surfaces along each pixel's ray: where it
+  leaves a closed object, and where it meets the next one (or a hollow object's far wall), so the
+  backend knows what is solid behind the visible surface (a torus's tube and the hole behind it, a
+  cup's wall and the air inside it, not a guess). Two more view layers of the G-buffer scene render at
+  one sample each with a material override that is transparent at the first one or two surfaces a ray
+  meets (Light Path: Transparent Depth) and opaque behind them; Cycles writes the Depth pass only at
+  surfaces at least as opaque as the layer's alpha threshold, so its Depth is that surface's (1e10 where
+  there is none: open meshes such as a ground plane). Counting surfaces rather than testing Backfacing
+  keeps meshes with flipped normals right.
 - lights (version 2): the scene's light objects (addon/lights.py) and the suns of its Sky Textures
   (world.world_suns), at the exported frame. What the job cannot carry (emissive meshes, volumes,
   light linking, ...) is returned as warnings, one per problem and object.
@@ -64,12 +66,13 @@ _PASS_LAYERS = (("normal", "VECTOR", "Normal"), ("depth", "FLOAT", "Depth"),
 _AOV_LAYERS = (("albedo", "COLOR"), ("specular", "COLOR"), ("roughness", "VALUE"), ("metallic", "VALUE"))
 # Samples of the coverage render: its alpha is an average of this many hits or misses per pixel.
 COVERAGE_SAMPLES = 16
-SECOND_SURFACE_LAYER = "PBNDS second surface"
+# Depth layers of the surfaces behind the visible one: (surfaces a ray passes through first, layer name).
+PEELED_LAYERS = ((1, "back_depth"), (2, "next_depth"))
 
 
 def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=None, frame=None,
                cancel_check=None, progress=None, hdri_width=512, position=True, warnings=None,
-               shadow_map_size=512, background=False, coverage=True):
+               shadow_map_size=512, background=False, coverage=True, behind=True):
     """Write ``out_dir``/{gbuffer.exr, hdri.exr, job.json} for ``scene``; return the job.json path.
 
     ``width``/``height`` override the render size (else resolution x percentage); ``frame`` the
@@ -80,8 +83,10 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
     ``background`` the render's Environment pass (the world where no surface is hit, 0 elsewhere)
     is written to ``out_dir``/background.exr too: the backdrop of an opaque film at no extra render
     (not part of the job). ``coverage`` adds the coverage layer (anti-aliased edges; a second Cycles
-    session in the same render call, ~0.25 s more at 256x256 on 2 idle CPU cores). The back_depth layer
-    is always written (one sample of a second view layer). The scene is left as it was in every case.
+    session in the same render call, ~0.25 s more at 256x256 on 2 idle CPU cores). ``behind`` adds the
+    back_depth and next_depth layers (one sample each of two more view layers: ~0.85 s more each at
+    256x256 on 2 idle CPU cores, nearly all of it Cycles syncing the scene again for the view layer's
+    material override). The scene is left as it was in every case.
     """
     out_dir = Path(out_dir).resolve()
 
@@ -101,7 +106,8 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
         view_layer = _setup_render(temp, scene, width, height, samples, frame)
         _setup_materials()
         extra = [("coverage", _setup_coverage(temp, scene), "Alpha")] if coverage else []
-        extra.append(("back_depth", _setup_second_surface(temp), "Depth"))
+        if behind:
+            extra += [(name, _setup_peeled_depth(temp, passed), "Depth") for passed, name in PEELED_LAYERS]
         _setup_compositor(temp, view_layer, out_dir, position, background, extra)
         matrices = camera_matrices(temp, view_layer, width, height)
         job_lights, light_warnings = lights.export_lights(temp, view_layer.depsgraph)
@@ -376,25 +382,26 @@ def _setup_coverage(temp, scene):
     return view_layer
 
 
-def _setup_second_surface(temp):
-    """A one-sample view layer of ``temp`` whose Depth pass is the second surface's depth (module docstring)."""
-    material = bpy.data.materials.new("PBNDS second surface")
+def _setup_peeled_depth(temp, passed):
+    """A one-sample view layer of ``temp`` whose Depth pass is the depth of the surface a ray meets after passing
+    through ``passed`` surfaces (module docstring)."""
+    material = bpy.data.materials.new(f"PBNDS surface {passed + 1}")
     tree = compat.node_tree(material)
     nodes, links = tree.nodes, tree.links
     nodes.clear()
-    passed = nodes.new("ShaderNodeMath")  # 1 once the ray has passed through a surface
-    passed.operation = "GREATER_THAN"
-    passed.inputs[1].default_value = 0.5
-    links.new(nodes.new("ShaderNodeLightPath").outputs["Transparent Depth"], passed.inputs[0])
+    behind = nodes.new("ShaderNodeMath")  # 1 once the ray has passed through `passed` surfaces
+    behind.operation = "GREATER_THAN"
+    behind.inputs[1].default_value = passed - 0.5
+    links.new(nodes.new("ShaderNodeLightPath").outputs["Transparent Depth"], behind.inputs[0])
     mix = nodes.new("ShaderNodeMixShader")
-    links.new(passed.outputs[0], mix.inputs["Fac"])
+    links.new(behind.outputs[0], mix.inputs["Fac"])
     links.new(nodes.new("ShaderNodeBsdfTransparent").outputs[0], mix.inputs[1])
     # opaque and black; an emission closure, since a holdout ends the path before Cycles writes any pass
     opaque = nodes.new("ShaderNodeEmission")
     opaque.inputs["Strength"].default_value = 0.0
     links.new(opaque.outputs[0], mix.inputs[2])
     links.new(mix.outputs[0], nodes.new("ShaderNodeOutputMaterial").inputs["Surface"])
-    view_layer = temp.view_layers.new(SECOND_SURFACE_LAYER)
+    view_layer = temp.view_layers.new(f"PBNDS surface {passed + 1}")
     view_layer.samples = 1
     view_layer.use_pass_z = True
     view_layer.pass_alpha_threshold = 0.5

@@ -30,7 +30,8 @@ NORMAL_TOLERANCE = 1e-2
 
 # layer name -> channel count; single-channel layers accept any one channel name
 REQUIRED_LAYERS = {"albedo": 3, "specular": 3, "roughness": 1, "normal": 3, "depth": 1, "ao": 1, "mask": 1}
-OPTIONAL_LAYERS = {"metallic": 1, "position": 3, "coverage": 1, "back_depth": 1}
+OPTIONAL_LAYERS = {"metallic": 1, "position": 3, "coverage": 1, "back_depth": 1, "next_depth": 1}
+PEELED_DEPTHS = ("back_depth", "next_depth")  # surfaces behind the visible one: +Inf where there is none
 UNIT_RANGE_LAYERS = ("albedo", "specular", "roughness", "ao", "mask", "metallic")
 THREE_CHANNEL_NAMES = (("R", "G", "B"), ("X", "Y", "Z"))
 ONE_CHANNEL_NAMES = ("Y", "V", "X", "Z", "R", "A")
@@ -113,6 +114,7 @@ class GBuffer:
     position: np.ndarray | None = None
     coverage: np.ndarray | None = None  # (H, W) 0..1 through the pixel filter, also beyond the mask
     back_depth: np.ndarray | None = None  # (H, W) depth of the second surface along the ray (a closed object's back)
+    next_depth: np.ndarray | None = None  # (H, W) ... of the third (the next object, or a hollow one's far wall)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -286,7 +288,7 @@ def validate_gbuffer(gbuffer: GBuffer, source: str = "gbuffer.exr") -> None:
     for name, array in gbuffer.layers().items():
         finite = bool(np.isfinite(array.min())) and bool(np.isfinite(array.max()))  # NaN and +-Inf propagate
         if not finite:
-            bad = ~np.isfinite(array) & ((array != np.inf) if name == "back_depth" else True)  # +Inf: no back face
+            bad = ~np.isfinite(array) & ((array != np.inf) if name in PEELED_DEPTHS else True)  # +Inf: no surface
             where = (bad.any(axis=-1) if bad.ndim == 3 else bad) & foreground
             if where.any():
                 raise JobError(f"{source}: layer '{name}' holds NaN or Inf in foreground {_first_bad_pixel(where)}")

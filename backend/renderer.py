@@ -36,7 +36,7 @@ from . import fastpath
 from .camera import view_directions, world_positions
 from .edges import antialiased
 from .envmap import EnvironmentMap
-from .jobformat import TRANSPORT_LAYERS, Camera, GBuffer, Job, Options, Result
+from .jobformat import PEELED_DEPTHS, TRANSPORT_LAYERS, Camera, GBuffer, Job, Options, Result
 from .lights import DEFAULT_SAMPLES, Light, shade_lights
 from .models import ShadingModel, load_model
 from .sampling import PER_PIXEL, RaySet, make_rays
@@ -107,8 +107,9 @@ class PreparedGBuffer:
 
         images = {name: image(getattr(gbuffer, name)) for name in ("albedo", "normal", "ao", "depth", "mask")}
         images["position"] = image(position)
-        if gbuffer.back_depth is not None:
-            images["back_depth"] = image(gbuffer.back_depth)
+        for name in PEELED_DEPTHS:
+            if getattr(gbuffer, name) is not None:
+                images[name] = image(getattr(gbuffer, name))
         return cls(height, width, torch.from_numpy(index).to(device), pixels, pick(position.astype(np.float32)),
                    images, gbuffer.mask, camera, gbuffer.coverage)
 
@@ -123,7 +124,8 @@ class PreparedGBuffer:
     def _screen_space(self, budget: int) -> ScreenSpace:
         images = self.images
         return ScreenSpace(images["position"], images["normal"], images["depth"], images["mask"], self.pixels,
-                           self.camera, budget=budget, back_depth=images.get("back_depth"))
+                           self.camera, budget=budget, back_depth=images.get("back_depth"),
+                           next_depth=images.get("next_depth"))
 
     def transport(self, envmap: EnvironmentMap, rotation: float, unshadowed: torch.Tensor,
                   lights: torch.Tensor, preview: bool = False) -> Transport:

@@ -24,13 +24,15 @@ shows of the scene corrects that physically, before any network (the shadow net 
 
 A ray is marched through the depth buffer in STEPS steps up to REACH x the median foreground depth (so
 nothing depends on the scene's units). A step is blocked where the last SEGMENT of its way from the previous
-step overlaps the object at its pixel, from the visible surface (plus a tolerance) to the object's back: the
-G-buffer's back_depth layer, the second surface along the pixel's ray, where it has one; else (open meshes
-such as a ground plane, or no such layer) a guess, THICKNESS x n.wo behind the surface (objects assumed
-that solid, thinner towards their silhouettes; too thick for a torus's tube or a ball in the air, which
-then shadow like long columns). Testing part of the way, not only the step's point, keeps a thin object
-between two steps from being skipped; the whole way would take a ray that passes just behind an
-object's rim for blocked. Step positions are jittered
+step overlaps the object at its pixel, from the visible surface (plus a tolerance) to the object's back.
+How deep that is, is guessed, THICKNESS x n.wo (objects assumed that solid behind their visible surface,
+thinner towards their silhouettes), unless the G-buffer's back_depth and next_depth layers (the second and
+third surfaces along the pixel's ray) show the object ending sooner with empty space behind it to at least
+the guessed depth: then back_depth is the object's back. So a torus's tube or a ball in the air does not
+shadow like a long column, while a cup, whose far wall lies close behind its near one, stays solid: the
+camera cannot see that far wall, and a thin hidden wall would slip between the steps. Testing part of the
+way, not only the step's point, keeps a thin object between two steps from being skipped; the whole way
+would take a ray that passes just behind an object's rim for blocked. Step positions are jittered
 per pixel and ray: fixed positions find a thin occluder at the same distances from every pixel and draw
 repeated "ghost" copies of its shadow in stripes; jittered ones turn that into noise, which an
 edge-aware (tangent plane and normal) filter removes. A hit below the start's tangent plane is
@@ -64,9 +66,9 @@ BOUNCE_RAYS = 8  # cosine rays per pixel for the bounce light
 REFLECTION_RAYS = 4  # GGX rays per pixel for the reflections
 STEPS = 16  # march steps per ray
 REACH = 1.0  # march length, x median foreground depth
-THICKNESS = 0.25  # without a back_depth: a surface blocks points up to this far behind it, x median depth x n.wo
-SEGMENT = 0.25  # a step tests this share of its way from the previous step against the object it lands on
-NO_BACK_FACE = 1e9  # back_depth at or beyond this: no second surface behind the pixel (Cycles writes 1e10)
+THICKNESS = 0.25  # the guess: a surface blocks points up to this far behind it, x median depth x n.wo
+SEGMENT = 0.1  # a step tests this share of its way from the previous step against the object it lands on
+NO_BACK_FACE = 1e9  # back_depth at or beyond this: no second surface along the pixel's ray (Cycles writes 1e10)
 MIN_FACING = 0.2  # ... with n.wo at least this
 TOLERANCE = 0.003  # ... and further behind than this, x the step's depth (depth-buffer precision)
 OFFSET = 0.005  # rays start this far off the surface along its normal, x the pixel's depth
@@ -125,10 +127,10 @@ class ScreenSpace:
 
     def __init__(self, position: torch.Tensor, normal: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor,
                  pixels: PixelInputs, camera: Camera, *, seed: int = 0, budget: int = MARCH_BUDGET,
-                 back_depth: torch.Tensor | None = None):
-        """position, normal (1, 3, H, W) world space; depth, mask, back_depth (1, 1, H, W), depth along the view
-        axis of the visible surface and of the second surface along the pixel's ray; pixels: the foreground pixels'
-        materials and view directions, in the mask's row-major order."""
+                 back_depth: torch.Tensor | None = None, next_depth: torch.Tensor | None = None):
+        """position, normal (1, 3, H, W) world space; depth, mask, back_depth, next_depth (1, 1, H, W), depth along
+        the view axis of the visible surface and of the second and third surfaces along the pixel's ray; pixels:
+        the foreground pixels' materials and view directions, in the mask's row-major order."""
         device = position.device
         self.height, self.width = height, width = depth.shape[-2:]
         self.depth, self.mask, self.materials, self.seed = depth, mask, pixels, seed
@@ -153,15 +155,18 @@ class ScreenSpace:
         # image (or goes behind the camera: its coordinates clamp onto the border) is never blocked.
         self.depth_map = F.pad(torch.where(foreground, depth[0, 0], torch.inf), (1, 1, 1, 1),
                                value=torch.inf).flatten()
-        # How far behind its visible surface an object is solid: the chord of a convex object shrinks
+        # How far behind its visible surface an object is solid, the guess: the chord of a convex object shrinks
         # towards its silhouette like n.wo does (for a sphere exactly: 2 r n.wo), so a ray that passes just
-        # behind an object's rim is not taken for blocked.
+        # behind an object's rim is not taken for blocked. Measured where empty space follows the object's back
+        # to at least the guessed depth (module docstring).
         facing = torch.zeros(height * width, device=device)
         facing[self.pixels] = (self.normals * pixels.wo).sum(-1).clamp(MIN_FACING, 1)
         thickness = (THICKNESS * self.scale * facing).view(height, width)
-        if back_depth is not None:  # measured where a second surface lies behind the visible one
+        if back_depth is not None and next_depth is not None:
             measured = back_depth[0, 0] - depth[0, 0]
-            known = foreground & (measured > TOLERANCE * depth[0, 0]) & (back_depth[0, 0] < NO_BACK_FACE)
+            gap = next_depth[0, 0] - back_depth[0, 0]  # NaN (compares False) where both are +Inf
+            known = (foreground & (measured > TOLERANCE * depth[0, 0]) & (back_depth[0, 0] < NO_BACK_FACE)
+                     & (gap > thickness))
             thickness = torch.where(known, measured, thickness)
         self.thickness_map = F.pad(thickness, (1, 1, 1, 1)).flatten()
         # Homogeneous transforms are linear: clip(start + t d) = clip(start) + t clip(d, w=0); the same for
@@ -201,8 +206,9 @@ class ScreenSpace:
             front = self.depth_map[index]
             previous = torch.cat([base[3].expand(*view_depth.shape[:-1], 1), view_depth[..., :-1]], -1)
             start = view_depth + SEGMENT * (previous - view_depth)
-            blocked = ((torch.maximum(start, view_depth) - front > TOLERANCE * view_depth)
-                       & (torch.minimum(start, view_depth) - front < self.thickness_map[index]))
+            near, far = torch.minimum(start, view_depth), torch.maximum(start, view_depth)
+            thickness = self.thickness_map[index]
+            blocked = (far - front > TOLERANCE * view_depth) & (near - front < thickness)
             first = blocked.to(torch.uint8).argmax(-1, keepdim=True)  # the first blocked step
             hit_row = row.gather(-1, first)[..., 0].long() - 1
             hit_col = col.gather(-1, first)[..., 0].long() - 1
@@ -300,8 +306,8 @@ class ScreenSpace:
     def transport(self, directions: torch.Tensor, weights: torch.Tensor, environment: Environment,
                   irradiance: Irradiance, unshadowed: torch.Tensor, lights: torch.Tensor) -> Transport:
         """All three terms for HDRI light directions (K, 3) of weights (K,), the HDRI's radiance by direction and
-        irradiance by normal, its unshadowed shading and the lamps' shadowed light (1, 3, H, W): the bounce and the reflections
-        carry the direct-lit image, unshadowed x visibility + lights. Filtered together."""
+        irradiance by normal, its unshadowed shading and the lamps' shadowed light (1, 3, H, W): the bounce and the
+        reflections carry the direct-lit image, unshadowed x visibility + lights. Filtered together."""
         visibility = self.visibility(directions, weights)
         direct = unshadowed * visibility + lights
         both = torch.cat([self.bounce(direct, irradiance), self.reflection(direct, environment, visibility)], -1)

@@ -88,13 +88,14 @@ def load_bundled_hdri() -> np.ndarray:
 
 def trace(camera: Camera, width: int, height: int, objects: list) -> GBuffer:
     """Ray-trace the objects' G-buffer at pixel centres (binary coverage; AO from a sky-visibility
-    estimate of the spheres above the plane; back_depth where a sphere is seen, the plane has no back)."""
+    estimate of the spheres above the plane; back_depth and next_depth: the second and third surfaces along
+    each ray, counting both sides of a sphere and the plane once, as Cycles' surface-counting layers do)."""
     origins, directions = camera_rays(camera, width, height)
     camera_to_world = np.linalg.inv(camera.world_to_camera)
     view_axis = -camera_to_world[:3, 2]
     eye = camera_to_world[:3, 3]
     best = np.full((height, width), np.inf)
-    exit_t = np.full((height, width), np.inf)  # where the ray leaves the sphere it hit
+    crossings = []  # (H, W) distances where rays cross a surface, inf where they do not
     normal = np.zeros((height, width, 3))
     albedo = np.zeros((height, width, 3), np.float32)
     specular = np.zeros((height, width, 3), np.float32)
@@ -110,16 +111,15 @@ def trace(camera: Camera, width: int, height: int, objects: list) -> GBuffer:
             hit = (disc > 0) & (t > 0) & (t < best)
             points = origins + t[..., None] * directions
             n = (points - np.asarray(obj.center)) / obj.radius
-            leaves = -b + np.sqrt(np.maximum(disc, 0))
+            crossings += [np.where((disc > 0) & (s > 0), s, np.inf) for s in (t, -b + np.sqrt(np.maximum(disc, 0)))]
         else:
             t = (obj.height - origins[..., 2]) / np.where(np.abs(directions[..., 2]) > 1e-9, directions[..., 2], 1e-9)
             points = origins + t[..., None] * directions
             inside = (np.abs(points[..., 0]) <= obj.extent) & (np.abs(points[..., 1]) <= obj.extent)
             hit = (t > 0) & (t < best) & inside
             n = np.broadcast_to(np.array([0.0, 0.0, 1.0]), origins.shape)
-            leaves = np.full(t.shape, np.inf)
+            crossings.append(np.where((t > 0) & inside, t, np.inf))
         best = np.where(hit, t, best)
-        exit_t = np.where(hit, leaves, exit_t)
         normal[hit] = n[hit]
         a, f0 = obj.material.layers()
         albedo[hit], specular[hit] = a, f0
@@ -127,13 +127,16 @@ def trace(camera: Camera, width: int, height: int, objects: list) -> GBuffer:
     mask = np.isfinite(best)
     points = origins + np.where(mask, best, 0)[..., None] * directions
     depth = np.where(mask, (points - eye) @ view_axis, 1e10)
-    exits = origins + np.where(np.isfinite(exit_t), exit_t, 0)[..., None] * directions
-    back_depth = np.where(np.isfinite(exit_t), (exits - eye) @ view_axis, 1e10)
+    behind = np.sort(np.stack(crossings + [np.full((height, width), np.inf)] * 2), axis=0)[1:3]  # 2nd, 3rd
+
+    def view_depth(distance):
+        along = (origins + np.where(np.isfinite(distance), distance, 0)[..., None] * directions - eye) @ view_axis
+        return np.where(np.isfinite(distance), along, 1e10).astype(np.float32)
     ao = _sky_visibility(points, normal, mask, [o for o in objects if isinstance(o, Sphere)])
     return GBuffer(albedo=albedo, specular=specular, roughness=roughness, normal=normal.astype(np.float32),
                    depth=depth.astype(np.float32), ao=ao, mask=mask.astype(np.float32), metallic=metallic,
                    position=np.where(mask[..., None], points, 0).astype(np.float32),
-                   back_depth=back_depth.astype(np.float32))
+                   back_depth=view_depth(behind[0]), next_depth=view_depth(behind[1]))
 
 
 def _sky_visibility(points, normal, mask, spheres, samples: int = 32) -> np.ndarray:

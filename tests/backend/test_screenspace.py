@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 
+from backend.camera import view_directions
 from backend.envmap import EnvironmentMap
 from backend.jobformat import Camera, Options, read_result, write_result
 from backend.models import build_shadow
 from backend.renderer import PreparedGBuffer, Renderer
-from backend.screenspace import PREVIEW_BUDGET, PREVIEW_LIGHTS, ScreenSpace, light_directions
+from backend.screenspace import MIN_FACING, PREVIEW_BUDGET, PREVIEW_LIGHTS, THICKNESS, ScreenSpace, light_directions
 from backend.shadow import ShadowNet
 from backend.synthetic import Material, Plane, Sphere, constant_hdri, demo_scene_job, look_at, perspective, trace
 
@@ -53,7 +54,7 @@ def screen_space(gbuffer, camera, **kwargs) -> ScreenSpace:
     prepared = PreparedGBuffer.build(gbuffer, camera, "cpu")
     images = prepared.images
     return ScreenSpace(images["position"], images["normal"], images["depth"], images["mask"], prepared.pixels, camera,
-                       back_depth=images.get("back_depth"), **kwargs)
+                       back_depth=images.get("back_depth"), next_depth=images.get("next_depth"), **kwargs)
 
 
 def components(mask, smallest=4):
@@ -108,9 +109,9 @@ def test_a_sphere_on_a_plane_casts_one_shadow_of_the_ray_traced_area(row, col):
 
 @pytest.mark.parametrize("row, col", [(28, 80), (36, 128)])
 def test_a_floating_ball_casts_a_shadow_of_its_size_from_its_back_depth(row, col):
-    """A ball of radius 0.2 hanging 0.7 above the floor. Its back_depth says it is 0.4 deep, so rays that pass
-    behind it reach the sun; without the layer the guessed thickness (a quarter of the scene's depth) makes
-    it a long column whose shadow is twice too large."""
+    """A ball of radius 0.2 hanging 0.7 above the floor. Its back_depth says it is 0.4 deep and next_depth that
+    the floor lies far behind, so rays that pass behind it reach the sun; without the layers the guessed
+    thickness (a quarter of the scene's depth) makes it a long column whose shadow is twice too large."""
     hdri, sun = sun_hdri(row, col, height=128)
     ball = ((0.0, 0.0, 0.9), 0.2)
     camera = Camera(look_at((0.0, -4.0, 2.6), (0.0, 0.0, 0.3)), perspective(40.0, 240 / 180))
@@ -128,6 +129,25 @@ def test_a_floating_ball_casts_a_shadow_of_its_size_from_its_back_depth(row, col
     assert abs(shadow_area(gbuffer) / expected.sum() - 1) < 0.25
     gbuffer.back_depth = None
     assert shadow_area(gbuffer) / expected.sum() > 1.8
+
+
+def test_an_object_is_as_thick_as_measured_only_where_empty_space_follows_it():
+    """A ball with another one close behind it and the floor far behind: where the rear ball follows the front
+    one within the guessed thickness, the two may be one hollow object (a cup's walls) and the guess stands;
+    where the floor lies further behind than that, the ball ends at its measured back."""
+    camera = Camera(look_at((0.0, -4.0, 2.6), (0.0, 0.0, 0.3)), perspective(40.0, 4 / 3))
+    gbuffer = trace(camera, 160, 120, [Plane(0.0, 3.0), Sphere((0.0, 0.0, 0.5), 0.5), Sphere((0.3, 1.2, 0.4), 0.4)])
+    space = screen_space(gbuffer, camera)
+    thickness = space.thickness_map.view(122, 162)[1:-1, 1:-1].numpy()
+    guess = THICKNESS * space.scale.item() * np.clip((gbuffer.normal * view_directions(camera, 160, 120)).sum(-1),
+                                                      MIN_FACING, 1)
+    measured = gbuffer.back_depth - gbuffer.depth
+    front = (gbuffer.mask > 0) & (gbuffer.back_depth < 1e9) & (np.abs(gbuffer.position[..., 1]) < 0.5)
+    close = front & (gbuffer.next_depth - gbuffer.back_depth < 0.8 * guess)
+    open_behind = front & (gbuffer.next_depth - gbuffer.back_depth > 1.2 * guess)
+    assert close.sum() > 20 and open_behind.sum() > 200
+    np.testing.assert_allclose(thickness[close], guess[close], rtol=1e-4)
+    np.testing.assert_allclose(thickness[open_behind], measured[open_behind], rtol=1e-4, atol=1e-5)
 
 
 def test_the_demo_scenes_shadows_match_ray_traced_ones_on_the_ground():

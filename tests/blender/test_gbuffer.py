@@ -2,6 +2,7 @@
 
 import json
 
+import bmesh
 import bpy
 import numpy as np
 import OpenEXR
@@ -15,7 +16,8 @@ pytestmark = pytest.mark.blender
 SIZE = 64
 CHANNELS = {"albedo.R", "albedo.G", "albedo.B", "albedo.A", "specular.R", "specular.G", "specular.B",
             "specular.A", "roughness.V", "metallic.V", "normal.X", "normal.Y", "normal.Z", "depth.V",
-            "ao.V", "mask.V", "position.X", "position.Y", "position.Z", "coverage.V", "back_depth.V"}
+            "ao.V", "mask.V", "position.X", "position.Y", "position.Z", "coverage.V", "back_depth.V",
+            "next_depth.V"}
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +73,14 @@ def test_job_json_and_layers(spheres_job):
         assert np.isfinite(values).all() and values.min() >= 0 and values.max() <= 1, name
     length = np.linalg.norm(layers["normal"][fg], axis=-1)
     assert np.abs(length - 1).max() < 1e-2
-    # back faces: the spheres' lie behind their visible surface; the ground plane has none (Cycles' 1e10)
+    # the second surface: the spheres' backs lie behind their visible surface; the ground plane has none (1e10)
     ground = fg & (layers["position"][..., 2] < 1e-3)
     assert ground.mean() > 0.2 and (layers["back_depth"][ground] >= 1e9).mean() > 0.99
     spheres = fg & (layers["position"][..., 2] > 0.05)
     assert (layers["back_depth"][spheres] > layers["depth"][spheres]).mean() > 0.99
+    # behind a sphere's back: the ground where the ray goes on to meet it, nothing where it passes above
+    assert (layers["next_depth"][spheres] > layers["back_depth"][spheres]).mean() > 0.99
+    assert (layers["next_depth"][ground] >= 1e9).all()
 
 
 def test_backdrop_is_the_world_cycles_renders(spheres_job, tmp_path):
@@ -158,7 +163,11 @@ def test_back_depth_is_where_the_ray_leaves_a_sphere_with_flipped_normals(tmp_pa
     slip) still gets its true thickness, not 0."""
     scene = open_fixture("spheres")
     centre, radius = SPHERES["RedRough"][:2]
-    bpy.data.objects["RedRough"].data.flip_normals()
+    mesh, inside_out = bpy.data.objects["RedRough"].data, bmesh.new()
+    inside_out.from_mesh(mesh)
+    bmesh.ops.reverse_faces(inside_out, faces=inside_out.faces[:])
+    inside_out.to_mesh(mesh)
+    inside_out.free()
     path = gbuffer.export_job(scene, tmp_path, samples=1, width=SIZE, height=SIZE, hdri_width=16, shadow_map_size=0)
     job, layers = json.loads(path.read_text()), read_exr(tmp_path / "gbuffer.exr")
     row, col = project(job, centre)
