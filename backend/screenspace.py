@@ -68,7 +68,7 @@ STEPS = 16  # march steps per ray
 REACH = 1.0  # march length, x median foreground depth
 THICKNESS = 0.25  # the guess: a surface blocks points up to this far behind it, x median depth x n.wo
 SEGMENT = 0.1  # a step tests this share of its way from the previous step against the object it lands on
-NO_BACK_FACE = 1e9  # back_depth at or beyond this: no second surface along the pixel's ray (Cycles writes 1e10)
+NO_SURFACE = 1e9  # back_depth, next_depth at or beyond this: no such surface along the ray (Cycles writes 1e10)
 MIN_FACING = 0.2  # ... with n.wo at least this
 TOLERANCE = 0.003  # ... and further behind than this, x the step's depth (depth-buffer precision)
 OFFSET = 0.005  # rays start this far off the surface along its normal, x the pixel's depth
@@ -165,7 +165,7 @@ class ScreenSpace:
         if back_depth is not None and next_depth is not None:
             measured = back_depth[0, 0] - depth[0, 0]
             gap = next_depth[0, 0] - back_depth[0, 0]  # NaN (compares False) where both are +Inf
-            known = (foreground & (measured > TOLERANCE * depth[0, 0]) & (back_depth[0, 0] < NO_BACK_FACE)
+            known = (foreground & (measured > TOLERANCE * depth[0, 0]) & (back_depth[0, 0] < NO_SURFACE)
                      & (gap > thickness))
             thickness = torch.where(known, measured, thickness)
         self.thickness_map = F.pad(thickness, (1, 1, 1, 1)).flatten()
