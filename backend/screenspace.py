@@ -277,16 +277,19 @@ class ScreenSpace:
         sides of objects (module docstring; from the HDRI's `irradiance`). (The HDRI light that those surfaces
         block is what the visibility takes away.)"""
         paths = self._paths_of("bounce")
-        unseen = (self._unseen_albedo * irradiance(-paths.directions)).sum(1) / BOUNCE_RAYS
-        light = self._gather(paths.index, paths.weight, radiance) + unseen
+        marcher, directions, albedo = self._unseen
+        unseen = albedo.new_zeros(len(self.starts), 3).index_add_(0, marcher, albedo * irradiance(-directions))
+        light = self._gather(paths.index, paths.weight, radiance) + unseen / BOUNCE_RAYS
         return self._diffuse_colour * light[self.follows]
 
     @functools.cached_property
-    def _unseen_albedo(self) -> torch.Tensor:
-        """albedo / pi (M, K, 3) where a bounce ray meets the unseen side of a surface (of its hit pixel's diffuse
-        colour), else 0: it does not change on a relight."""
+    def _unseen(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The bounce rays that meet the unseen side of a surface, a few of them, fixed for relights: their
+        marcher (U,), direction (U, 3) and the hit pixel's diffuse colour / pi (U, 3)."""
         paths = self._paths_of("bounce")
-        return self.to_image(self._diffuse_colour)[0].flatten(1).T[paths.index] * paths.hidden[..., None] / math.pi
+        marcher, ray = paths.hidden.nonzero(as_tuple=True)
+        albedo = self.to_image(self._diffuse_colour)[0].flatten(1).T[paths.index[marcher, ray]] / math.pi
+        return marcher, paths.directions[marcher, ray], albedo
 
     @functools.cached_property
     def _diffuse_colour(self) -> torch.Tensor:

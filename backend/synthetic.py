@@ -126,15 +126,15 @@ def trace(camera: Camera, width: int, height: int, objects: list) -> GBuffer:
         roughness[hit], metallic[hit] = obj.material.roughness, obj.material.metallic
     mask = np.isfinite(best)
     points = origins + np.where(mask, best, 0)[..., None] * directions
-    depth = np.where(mask, (points - eye) @ view_axis, 1e10)
     behind = np.sort(np.stack(crossings + [np.full((height, width), np.inf)] * 2), axis=0)[1:3]  # 2nd, 3rd
 
     def view_depth(distance):
+        """Depth along the view axis of the points at `distance` along the rays, 1e10 (Blender's) where inf."""
         along = (origins + np.where(np.isfinite(distance), distance, 0)[..., None] * directions - eye) @ view_axis
         return np.where(np.isfinite(distance), along, 1e10).astype(np.float32)
     ao = _sky_visibility(points, normal, mask, [o for o in objects if isinstance(o, Sphere)])
     return GBuffer(albedo=albedo, specular=specular, roughness=roughness, normal=normal.astype(np.float32),
-                   depth=depth.astype(np.float32), ao=ao, mask=mask.astype(np.float32), metallic=metallic,
+                   depth=view_depth(best), ao=ao, mask=mask.astype(np.float32), metallic=metallic,
                    position=np.where(mask[..., None], points, 0).astype(np.float32),
                    back_depth=view_depth(behind[0]), next_depth=view_depth(behind[1]))
 
