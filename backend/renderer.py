@@ -40,7 +40,17 @@ from .jobformat import PEELED_DEPTHS, TRANSPORT_LAYERS, Camera, GBuffer, Job, Op
 from .lights import DEFAULT_SAMPLES, Light, shade_lights
 from .models import ShadingModel, load_model
 from .sampling import PER_PIXEL, RaySet, make_rays
-from .screenspace import LIGHTS, MARCH_BUDGET, PREVIEW_BUDGET, PREVIEW_LIGHTS, ScreenSpace, Transport, light_directions
+from .screenspace import (
+    LIGHTS,
+    MARCH_BUDGET,
+    PREVIEW_BUDGET,
+    PREVIEW_LIGHTS,
+    ScreenSpace,
+    Sky,
+    Transport,
+    light_directions,
+    light_pdf,
+)
 from .shaders import PixelInputs
 from .shadow import composite
 from .shadowmaps import ShadowMap, light_size
@@ -140,8 +150,10 @@ class PreparedGBuffer:
             return rotate_z(world, -rotation) if rotation else world
 
         screen_space = self.preview_screen_space if preview else self.screen_space
-        return screen_space.transport(directions, weights, lambda world: envmap.lookup(in_map(world)),
-                                      lambda normals: envmap.irradiance(in_map(normals)), unshadowed, lights)
+        count = len(directions)
+        sky = Sky(lambda world: envmap.lookup(in_map(world)), lambda normals: envmap.irradiance(in_map(normals)),
+                  lambda world: light_pdf(envmap, in_map(world), count))
+        return screen_space.transport(directions, weights, sky, unshadowed, lights)
 
 
 def chunk_pixels(model: ShadingModel, rays: int, device: torch.device) -> int:

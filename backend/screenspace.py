@@ -16,11 +16,19 @@ shows of the scene corrects that physically, before any network (the shadow net 
   behind it) takes that side as diffuse, of the visible side's albedo, facing the ray: L = albedo E(-d) / pi
   with E the HDRI's irradiance. Without it the visibility takes the HDRI light such a ray blocks away and
   nothing gives any back: concave objects come out too dark.
-- reflection (1, 3, H, W): the same through every pixel's GGX lobe, mean_k (f cos / pdf)_k
-  (L(hit_k) - V L_env(d_k)): objects seen in a glossy floor, the sunlit ground in a rough metal's side,
-  in place of the sky the shading put there (which the visibility V already dimmed; negative where a dark
-  object hides a bright sky); rays that escape the screen keep the HDRI. Rough lobes too: a metal has no
-  diffuse layer for the bounce to light, so without them its faces towards a lit floor stay dark.
+- reflection (1, 3, H, W): the same through every pixel's GGX lobe: G - V B S, objects seen in a glossy
+  floor, the sunlit ground in a rough metal's side, in place of the sky the shading put there. G = mean_k
+  (f cos / pdf)_k L(hit_k) is the light of the surfaces the rays meet; B = sum_k (f cos / pdf)_k L_env(d_k)
+  over the rays that meet a surface / the same over all rays is the share of the lobe's sky that they hide,
+  and S the shading's (unshadowed) specular part, which the visibility V already dimmed (the term is negative
+  where a dark object hides a bright sky). L(hit) is not the image at the hit pixel, which is what the
+  surface shows the camera: a metal shows the pixel what it reflects the other way. It is the hit's diffuse
+  light (seen alike from everywhere) plus one GGX ray onwards from it, about the way back, into the HDRI.
+  B is a ratio of sums filtered over neighbours, not a difference: a mirror-like metal's S is as detailed
+  as the HDRI, and a filtered difference would smear that detail into dark and bright blotches, while a
+  few rays' own ratio takes a lobe whose sampled rays all hit the floor for hidden whole. Rough lobes too:
+  a metal has no diffuse layer for the bounce to light, so without them its faces towards a lit floor stay
+  dark; rays that escape the screen keep the HDRI.
 
 A ray is marched through the depth buffer in STEPS steps up to REACH x the median foreground depth (so
 nothing depends on the scene's units). A step is blocked where the last SEGMENT of its way from the previous
@@ -83,14 +91,38 @@ Environment = Callable[[torch.Tensor], torch.Tensor]  # world directions (..., 3
 Irradiance = Callable[[torch.Tensor], torch.Tensor]  # unit normals (..., 3) -> the HDRI's irradiance E(n) (..., 3)
 
 
+class Sky(NamedTuple):
+    """The HDRI as the transport sees it, functions of world directions (..., 3): its radiance (..., 3), its
+    irradiance by normal (..., 3) and the density (...,) with which light_directions drew the light directions."""
+
+    radiance: Environment
+    irradiance: Irradiance
+    light_pdf: Callable[[torch.Tensor], torch.Tensor]
+
+
 class Paths(NamedTuple):
-    """Rays of the marchers, marched once: directions (M, K, 3), the pixel each hits (M, K), its weight (M, K, 1
-    or 3), 0 where no surface facing the ray is seen, and whether it hit the unseen side of one (M, K)."""
+    """The marchers' cosine rays, marched once: directions (M, K, 3), the pixel each hits (M, K), its weight
+    (M, K, 1), 0 where no surface facing the ray is seen, and whether it hit the unseen side of one (M, K)."""
 
     directions: torch.Tensor
     index: torch.Tensor
     weight: torch.Tensor
     hidden: torch.Tensor
+
+
+class Reflections(NamedTuple):
+    """The marchers' GGX rays, marched once: directions (M, K, 3), weights f cos / (pdf K) (M, K, 3), pdfs (M, K),
+    the pixel each hits (M, K) and whether a surface facing it is seen there (M, K, 1); and at that surface one
+    GGX ray onwards, sampled about the way back to the marcher: its direction (M, K, 3) and weight f cos / pdf
+    (M, K, 3)."""
+
+    directions: torch.Tensor
+    weight: torch.Tensor
+    pdf: torch.Tensor
+    index: torch.Tensor
+    seen: torch.Tensor
+    onward: torch.Tensor
+    onward_weight: torch.Tensor
 
 
 @dataclass
@@ -116,8 +148,20 @@ def light_directions(envmap: EnvironmentMap, count: int = LIGHTS, seed: int = 0)
     parts = [make_rays("importance", lit, seed, envmap=envmap, device=envmap.device),
              make_rays("stratified", count - lit, seed, device=envmap.device)]
     directions = torch.cat([rays.directions.reshape(-1, 3) for rays in parts])
-    pdf = (lit * envmap.pdf(directions) + (count - lit) * UNIFORM_SPHERE_PDF) / count
-    return directions, luminance(envmap.lookup(directions)) / pdf.clamp(min=1e-12)
+    return directions, luminance(envmap.lookup(directions)) / light_pdf(envmap, directions, count).clamp(min=1e-12)
+
+
+def light_pdf(envmap: EnvironmentMap, directions: torch.Tensor, count: int = LIGHTS) -> torch.Tensor:
+    """The density (...,) with which light_directions draws directions (..., 3) of the HDRI's own frame."""
+    lit = count // 2
+    return (lit * envmap.pdf(directions) + (count - lit) * UNIFORM_SPHERE_PDF) / count
+
+
+def sampled_specular(normals: torch.Tensor, wo: torch.Tensor, f0: torch.Tensor, roughness: torch.Tensor,
+                     wi: torch.Tensor) -> torch.Tensor:
+    """The compensated GGX lobe's f cos / pdf (P, N, 3) for directions wi (P, N, 3) drawn by ggx_directions."""
+    pdf = ggx_pdf(wi, normals, wo, brdf.ggx_alpha(roughness)).clamp(min=1e-6)[..., None]
+    return brdf.ggx_specular(f0, roughness, brdf.geometry(normals, wo, wi)) / pdf
 
 
 class ScreenSpace:
@@ -136,6 +180,8 @@ class ScreenSpace:
         self.depth, self.mask, self.materials, self.seed = depth, mask, pixels, seed
         foreground = mask[0, 0] > 0
         self.pixels = foreground.flatten().nonzero()[:, 0]  # (P,) flat indices of the foreground
+        self.foreground_index = torch.zeros(height * width, dtype=torch.long, device=device)
+        self.foreground_index[self.pixels] = torch.arange(len(self.pixels), device=device)  # its inverse
         self.scale = depth[0, 0][foreground].median() if foreground.any() else depth.new_tensor(1.0)
         self.normal_map = normal[0].flatten(1).T  # (H W, 3), to check which side of a surface a ray hits
         self.normals = self.normal_map[self.pixels]  # (P, 3)
@@ -225,10 +271,15 @@ class ScreenSpace:
         out[self.pixels] = values
         return out.T.reshape(1, -1, self.height, self.width)
 
-    def visibility(self, directions: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The visible share of the direct light from directions (K, 3) of weights (K,), (1, 1, H, W)."""
-        jitter = self._uniforms((len(self.starts), len(directions)), 0)
-        free = self.march(directions[None], jitter) < 0  # (M, K)
+    def lights_free(self, directions: torch.Tensor) -> torch.Tensor:
+        """Whether each marcher sees the HDRI along each light direction (K, 3), (M, K)."""
+        return self.march(directions[None], self._uniforms((len(self.starts), len(directions)), 0)) < 0
+
+    def visibility(self, directions: torch.Tensor, weights: torch.Tensor, free: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """The visible share of the direct light from directions (K, 3) of weights (K,), (1, 1, H, W); free:
+        lights_free(directions) where the caller has it."""
+        free = self.lights_free(directions) if free is None else free
         light = (self.normals @ directions.T).clamp(min=0) * weights  # (P, K)
         total = light.sum(-1)
         share = torch.where(total > 0, (light * free[self.follows]).sum(-1) / total.clamp(min=1e-12), 1.0)
@@ -250,19 +301,26 @@ class ScreenSpace:
         index, seen, hidden = self._trace(directions, 1)
         return Paths(directions, index, (seen / BOUNCE_RAYS)[..., None], hidden)
 
-    def _reflection_paths(self) -> Paths:
-        """GGX rays, of weight f cos / (pdf K) where a surface is seen."""
+    def _reflection_paths(self) -> Reflections:
+        """GGX rays from the marchers, and one on from where each lands (the onward ray of a ray that escapes or
+        meets an unseen side is never used)."""
         m, materials = self.marchers, self.materials
         normals, wo, roughness = self.normals[m], materials.wo[m], materials.roughness[m]
-        alpha = brdf.ggx_alpha(roughness)
-        directions = ggx_directions(self._uniforms((len(m), REFLECTION_RAYS, 2), 2), normals, wo, alpha)
-        index, seen, hidden = self._trace(directions, 2)
-        g = brdf.geometry(normals, wo, directions)
-        pdf = ggx_pdf(directions, normals, wo, alpha).clamp(min=1e-6)[..., None]
-        weight = brdf.ggx_specular(materials.specular[m], roughness, g) / (pdf * REFLECTION_RAYS)
-        return Paths(directions, index, weight * seen[..., None], hidden)
+        directions = ggx_directions(self._uniforms((len(m), REFLECTION_RAYS, 2), 2), normals, wo,
+                                    brdf.ggx_alpha(roughness))
+        index, seen, _ = self._trace(directions, 2)
+        pdf = ggx_pdf(directions, normals, wo, brdf.ggx_alpha(roughness)).clamp(min=1e-6)
+        weight = sampled_specular(normals, wo, materials.specular[m], roughness, directions) / REFLECTION_RAYS
+        at = self.foreground_index[index.flatten()]  # the hit surfaces' materials
+        back = -directions.reshape(-1, 3)
+        onward = ggx_directions(self._uniforms((len(at), 1, 2), 3), self.normals[at], back,
+                                brdf.ggx_alpha(materials.roughness[at]))
+        onward_weight = sampled_specular(self.normals[at], back, materials.specular[at], materials.roughness[at],
+                                         onward)
+        return Reflections(directions, weight, pdf, index, seen[..., None], onward.view_as(directions),
+                           onward_weight.view_as(directions))
 
-    def _paths_of(self, term: str) -> Paths:
+    def _paths_of(self, term: str):
         if term not in self._paths:
             self._paths[term] = self._bounce_paths() if term == "bounce" else self._reflection_paths()
         return self._paths[term]
@@ -296,26 +354,45 @@ class ScreenSpace:
         """albedo (1 - the specular layer's albedo) per foreground pixel (P, 3): it does not change on a relight."""
         return layered_diffuse(self.materials)
 
-    def reflection(self, radiance: torch.Tensor, environment: Environment, visibility: torch.Tensor) -> torch.Tensor:
-        """What pixels reflect of on-screen surfaces through their GGX lobe, per foreground pixel (P, 3),
-        in place of the HDRI that the shading reflected along those rays (the shaded image holds it times
-        the pixel's visibility (1, 1, H, W)): sum_k f cos / pdf (L(hit_k) - V L_env(d_k)) / K. It is negative
-        where a dark object hides a bright sky in a glossy floor."""
-        directions, index, weight, _ = self._paths_of("reflection")
-        seen_sky = (environment(directions) * weight).sum(1)[self.follows]
-        shown = visibility.flatten()[self.pixels, None]
-        return self._gather(index, weight, radiance)[self.follows] - shown * seen_sky
+    def reflection(self, surfaces: torch.Tensor, specular: torch.Tensor, sky: Sky, visibility: torch.Tensor,
+                   lights: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+        """What pixels reflect of on-screen surfaces through their GGX lobe, in place of the HDRI the shading
+        reflected along those rays, (1, 3, H, W), filtered: G - V B S (module docstring). surfaces: the light
+        on-screen surfaces send whichever way they are seen (diffuse x visibility + lamps), specular: the
+        shading's unshadowed specular part S, (1, 3, H, W) each; visibility V (1, 1, H, W); lights: the
+        visibility's light directions (K, 3), free: whether each marcher sees them (M, K)."""
+        directions, weight, pdf, index, seen, onward, onward_weight = self._paths_of("reflection")
+        glint = visibility.flatten()[index][..., None] * onward_weight * sky.radiance(onward)
+        light = self._gather(index, weight * seen, surfaces) + (weight * seen * glint).sum(1)
+        # The lobe's sky, and what of it is hidden, from the GGX rays and the light directions together (MIS,
+        # balance heuristic): the GGX rays find a narrow lobe's sky, the light directions a sun in a wide one.
+        m, materials, count = self.marchers, self.materials, len(lights)
+        mixture = REFLECTION_RAYS * pdf + count * sky.light_pdf(directions)
+        along_rays = sky.radiance(directions) * weight * (REFLECTION_RAYS * pdf / mixture.clamp(min=1e-12))[..., None]
+        normals, wo, roughness = self.normals[m], materials.wo[m], materials.roughness[m]
+        towards = lights.expand(len(m), -1, -1)
+        lobe = brdf.ggx_specular(materials.specular[m], roughness, brdf.geometry(normals, wo, towards))
+        mixture = (REFLECTION_RAYS * ggx_pdf(towards, normals, wo, brdf.ggx_alpha(roughness))
+                   + count * sky.light_pdf(lights))
+        along_lights = lobe * sky.radiance(lights) / mixture.clamp(min=1e-12)[..., None]
+        hidden = (along_rays * seen).sum(1) + (along_lights * ~free[..., None]).sum(1)
+        parts = torch.cat([light, hidden, along_rays.sum(1) + along_lights.sum(1)], -1)[self.follows]
+        light, hidden, total = self.smooth(self.to_image(parts), INDIRECT_FILTER_LEVELS).split(3, 1)
+        return light - visibility * hidden / total.clamp(min=1e-12) * specular * self.mask
 
-    def transport(self, directions: torch.Tensor, weights: torch.Tensor, environment: Environment,
-                  irradiance: Irradiance, unshadowed: torch.Tensor, lights: torch.Tensor) -> Transport:
-        """All three terms for HDRI light directions (K, 3) of weights (K,), the HDRI's radiance by direction and
-        irradiance by normal, its unshadowed shading and the lamps' shadowed light (1, 3, H, W): the bounce and the
-        reflections carry the direct-lit image, unshadowed x visibility + lights. Filtered together."""
-        visibility = self.visibility(directions, weights)
-        direct = unshadowed * visibility + lights
-        both = torch.cat([self.bounce(direct, irradiance), self.reflection(direct, environment, visibility)], -1)
-        both = self.smooth(self.to_image(both), INDIRECT_FILTER_LEVELS)
-        return Transport(visibility, both[:, :3], both[:, 3:])
+    def transport(self, directions: torch.Tensor, weights: torch.Tensor, sky: Sky, unshadowed: torch.Tensor,
+                  lights: torch.Tensor) -> Transport:
+        """All three terms for HDRI light directions (K, 3) of weights (K,) from the `sky`, its unshadowed shading
+        and the lamps' shadowed light (1, 3, H, W): the bounce carries the direct-lit image, unshadowed x
+        visibility + lights; the reflections split the shading into its diffuse part, seen alike from
+        everywhere, and its specular part."""
+        free = self.lights_free(directions)
+        visibility = self.visibility(directions, weights, free)
+        bounce = self.bounce(unshadowed * visibility + lights, sky.irradiance)
+        diffuse = self.to_image(self._diffuse_colour * sky.irradiance(self.normals) / math.pi)
+        reflection = self.reflection(diffuse * visibility + lights, (unshadowed - diffuse).clamp(min=0), sky,
+                                     visibility, directions, free)
+        return Transport(visibility, self.smooth(self.to_image(bounce), INDIRECT_FILTER_LEVELS), reflection)
 
     def smooth(self, image: torch.Tensor, levels: int = FILTER_LEVELS) -> torch.Tensor:
         """An edge-aware filter of image (1, C, H, W) over the foreground: `levels` a-trous passes of a 3 x 3

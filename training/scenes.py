@@ -529,6 +529,8 @@ def _open_shell(bm, thickness):
 
 
 def _torus(mesh, major=0.7, minor=0.3, rings=48, sides=24):
+    """A torus about Z whose faces wind counter-clockwise seen from outside: its normals point outwards, as
+    Blender's own primitives' do."""
     verts, faces = [], []
     for i in range(rings):
         a = 2 * math.pi * i / rings
@@ -536,8 +538,8 @@ def _torus(mesh, major=0.7, minor=0.3, rings=48, sides=24):
             b = 2 * math.pi * j / sides
             r = major + minor * math.cos(b)
             verts.append((r * math.cos(a), r * math.sin(a), minor * math.sin(b)))
-            faces.append((i * sides + j, i * sides + (j + 1) % sides, ((i + 1) % rings) * sides + (j + 1) % sides,
-                          ((i + 1) % rings) * sides + j))
+            faces.append((i * sides + j, ((i + 1) % rings) * sides + j, ((i + 1) % rings) * sides + (j + 1) % sides,
+                          i * sides + (j + 1) % sides))
     mesh.from_pydata(verts, [], faces)
 
 

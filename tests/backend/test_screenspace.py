@@ -12,7 +12,15 @@ from backend.envmap import EnvironmentMap
 from backend.jobformat import Camera, Options, read_result, write_result
 from backend.models import build_shadow
 from backend.renderer import PreparedGBuffer, Renderer
-from backend.screenspace import MIN_FACING, PREVIEW_BUDGET, PREVIEW_LIGHTS, THICKNESS, ScreenSpace, light_directions
+from backend.screenspace import (
+    MIN_FACING,
+    PREVIEW_BUDGET,
+    PREVIEW_LIGHTS,
+    THICKNESS,
+    ScreenSpace,
+    Sky,
+    light_directions,
+)
 from backend.shadow import ShadowNet
 from backend.synthetic import Material, Plane, Sphere, constant_hdri, demo_scene_job, look_at, perspective, trace
 
@@ -274,37 +282,116 @@ def test_the_floor_behind_a_ball_receives_its_whole_form_factor_from_the_side_th
     assert received(0.0) < 0.5
 
 
+def reflection_of(space, surfaces, specular, radiance, visibility):
+    """space.reflection under a sky of `radiance` (a function of directions) with GGX rays only (no light
+    directions), (H, W) of its first channel."""
+    sky = Sky(radiance, torch.zeros_like, lambda directions: torch.zeros(directions.shape[:-1]))
+    lights, free = torch.zeros(0, 3), torch.zeros(len(space.starts), 0, dtype=torch.bool)
+    return space.reflection(surfaces, specular, sky, visibility, lights, free)[0, 0].numpy()
+
+
+def mirror_floor_hits(gbuffer, camera):
+    """Per pixel: whether the floor's mirror ray from it meets the sphere of one_sphere_on_a_plane, how far, and
+    the mirror direction."""
+    eye = np.linalg.inv(camera.world_to_camera)[:3, 3]
+    view = gbuffer.position - eye
+    mirror = view * np.array([1.0, 1.0, -1.0])
+    mirror /= np.linalg.norm(mirror, axis=-1, keepdims=True)
+    hits, distance = ray_hits_spheres(gbuffer.position + 1e-3 * gbuffer.normal, mirror, [((0.0, 0.0, 0.5), 0.5)])
+    return hits, distance, mirror
+
+
 def test_a_mirror_floor_reflects_the_sphere_in_place_of_the_sky():
-    """A white metal floor of low roughness: where its mirror ray meets the sphere, the reflection term
-    replaces the sky's radiance (1) by the sphere's (0.25); elsewhere it is 0."""
+    """A white metal floor of low roughness under a sky of radiance 1 (its specular shading 1): where its
+    mirror ray meets the sphere, the reflection term replaces the sky by the sphere's diffuse light (0.25) and
+    what its specular layer (F0 0.04) reflects of the sky; elsewhere it is 0."""
     floor = Material((1.0, 1.0, 1.0), metallic=1.0, roughness=0.05)
     gbuffer, camera = one_sphere_on_a_plane(floor=floor)
     space = screen_space(gbuffer, camera)
     sphere = (gbuffer.mask > 0) & (gbuffer.position[..., 2] > 1e-3)
     radiance = torch.from_numpy(np.where(sphere[..., None], 0.25, 0.0).astype(np.float32)).permute(2, 0, 1)[None]
-    reflection = space.smooth(space.to_image(space.reflection(radiance, lambda d: torch.ones_like(d),
-                                                               torch.ones(1, 1, *sphere.shape))))[0, 0].numpy()
-    eye = np.linalg.inv(camera.world_to_camera)[:3, 3]
-    view = gbuffer.position - eye
-    mirror = view * np.array([1.0, 1.0, -1.0])
-    mirror /= np.linalg.norm(mirror, axis=-1, keepdims=True)
-    hits, _ = ray_hits_spheres(gbuffer.position + 1e-3 * gbuffer.normal, mirror, [((0.0, 0.0, 0.5), 0.5)])
+    specular = torch.from_numpy((gbuffer.mask > 0) & ~sphere).float()[None, None].expand(1, 3, -1, -1)
+    reflection = reflection_of(space, radiance, specular, torch.ones_like, torch.ones(1, 1, *sphere.shape))
+    hits, _, _ = mirror_floor_hits(gbuffer, camera)
     ground = (gbuffer.mask > 0) & ~sphere
     inside, outside = ground & hits & ~dilate(~hits, 3), ground & ~dilate(hits, 3)
     assert inside.sum() > 100
-    assert abs(np.median(reflection[inside]) - (0.25 - 1.0)) < 0.1  # F = 1: the whole difference
+    assert abs(np.median(reflection[inside]) - (0.25 + 0.04 - 1.0)) < 0.05  # F = 1: the whole difference
     assert np.abs(reflection[outside]).mean() < 0.01
 
 
+def test_a_mirror_sphere_in_a_mirror_floor_shows_the_sky_it_reflects_towards_the_floor():
+    """Two mirrors: the floor's mirror ray meets a mirror sphere, which reflects it on into the sky. The floor
+    shows the sky along that second mirror direction, not what the sphere shows the camera (the radiance at
+    the hit pixel), under a sky bright on the far side (+Y) and dark on the camera's. Compared on average:
+    the floor sees the sphere's underside, which the camera does not, so the march lands on the visible
+    surface where the ray enters the sphere and takes its normal."""
+    mirror_metal = Material((1.0, 1.0, 1.0), metallic=1.0, roughness=0.05)
+    gbuffer, camera = one_sphere_on_a_plane(material=mirror_metal, floor=mirror_metal)
+    space = screen_space(gbuffer, camera)
+    sphere = (gbuffer.mask > 0) & (gbuffer.position[..., 2] > 1e-3)
+
+    def sky(directions):
+        return (2 * directions[..., 1:2]).clamp(min=0).expand_as(directions)
+
+    nothing = torch.zeros(1, 3, *sphere.shape)
+    reflection = reflection_of(space, nothing, nothing, sky, torch.ones(1, 1, *sphere.shape))
+    hits, distance, mirror = mirror_floor_hits(gbuffer, camera)
+    at = gbuffer.position + np.where(hits, distance, 0)[..., None] * mirror
+    normal = (at - np.array([0.0, 0.0, 0.5])) / 0.5
+
+    def sky_along_mirror_of(incoming):
+        outgoing = incoming - 2 * (incoming * normal).sum(-1, keepdims=True) * normal
+        return np.maximum(2 * outgoing[..., 1], 0)
+
+    seen_from_camera = at - np.linalg.inv(camera.world_to_camera)[:3, 3]
+    seen_from_camera /= np.linalg.norm(seen_from_camera, axis=-1, keepdims=True)
+    inside = (gbuffer.mask > 0) & ~sphere & hits & ~dilate(~hits, 3)
+    expected = sky_along_mirror_of(mirror)[inside].mean()
+    camera_view = sky_along_mirror_of(seen_from_camera)[inside].mean()
+    assert inside.sum() > 100 and camera_view - expected > 0.5  # the sphere shows the camera far more sky
+    assert abs(reflection[inside].mean() - expected) < 0.15
+
+
+def test_a_sun_in_a_rough_lobe_is_found_by_the_light_directions_and_not_taken_for_hidden():
+    """A rough metal floor whose GGX rays partly meet the sphere, under a dim sky and a sun one degree wide that
+    the 4 GGX rays per pixel practically never find. The share of the lobe's sky that the sphere hides is
+    that of the dim sky only: with the sun among the light directions, and seen (free by construction), the
+    reflection term takes almost nothing away; from the GGX rays alone, the sun's glint in the shading (S = 1)
+    would be removed in the proportion of the dim sky's rays that are hidden."""
+    gbuffer, camera = one_sphere_on_a_plane(floor=Material((1.0, 1.0, 1.0), metallic=1.0, roughness=0.5))
+    space = screen_space(gbuffer, camera)
+    sun = torch.tensor([0.0, 0.5, 1.0]) / math.sqrt(1.25)
+    cap = 2 * math.pi * (1 - math.cos(math.radians(1.0)))  # the sun's solid angle
+
+    def radiance(directions):
+        return torch.where(directions @ sun > math.cos(math.radians(1.0)), 1e4, 0.01)[..., None].expand_as(directions)
+
+    def light_pdf(directions):  # one light direction, drawn uniformly over the sun's disc
+        return torch.where(directions @ sun > math.cos(math.radians(1.0)), 1 / cap, 0.0)
+
+    sky = Sky(radiance, torch.zeros_like, light_pdf)
+    nothing, shading = torch.zeros(1, 3, *gbuffer.mask.shape), torch.ones(1, 3, *gbuffer.mask.shape)
+    seen = torch.ones(len(space.starts), 1, dtype=torch.bool)
+    visible = torch.ones(1, 1, *gbuffer.mask.shape)
+    with_sun = space.reflection(nothing, shading, sky, visible, sun[None], seen)[0, 0].numpy()
+    rays_only = reflection_of(space, nothing, shading, radiance, visible)
+    hits, _, _ = mirror_floor_hits(gbuffer, camera)
+    sphere = (gbuffer.mask > 0) & (gbuffer.position[..., 2] > 1e-3)
+    inside = (gbuffer.mask > 0) & ~sphere & hits & ~dilate(~hits, 3)
+    assert inside.sum() > 100 and -rays_only[inside].mean() > 0.3  # what the GGX rays alone would take
+    assert -with_sun[inside].mean() < 0.05
+
+
 def test_rough_metal_reflects_what_stands_on_it_and_the_paths_are_kept_for_relights():
-    """A rough white metal floor, everything on screen of radiance 1 and a black sky: the reflection term is
-    the share of the floor's GGX lobe that lands on the sphere, so it is there next to the sphere (a rough
+    """A rough white metal floor, everything on screen sending radiance 1 and a black sky: the reflection term
+    is the share of the floor's GGX lobe that lands on the sphere, so it is there next to the sphere (a rough
     metal has no diffuse layer for the bounce to light) and nowhere far from it."""
     gbuffer, camera = one_sphere_on_a_plane(floor=Material((1.0, 1.0, 1.0), metallic=1.0, roughness=0.9))
     space = screen_space(gbuffer, camera)
     ones = torch.ones(1, 3, *gbuffer.mask.shape)
     floor = gbuffer.position[..., 2] < 1e-3
-    reflection = space.to_image(space.reflection(ones, lambda d: torch.zeros_like(d), ones[:, :1]))[0, 0].numpy()
+    reflection = reflection_of(space, ones, ones, torch.zeros_like, ones[:, :1])
     distance = np.hypot(gbuffer.position[..., 0], gbuffer.position[..., 1])  # from the sphere's foot
     near, far = floor & (distance < 1.3), floor & (distance > 2.5)
     assert near.sum() > 50 and far.sum() > 50
