@@ -85,7 +85,11 @@ def ggx_directions(u: torch.Tensor, normals: torch.Tensor, wo: torch.Tensor, alp
 
 def ggx_pdf(wi: torch.Tensor, normals: torch.Tensor, wo: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """Solid-angle density of ggx_directions: D(h) (n.h) / (4 |o.h|)."""
-    g = brdf.geometry(normals, wo, wi)
+    return ggx_pdf_of(brdf.geometry(normals, wo, wi), alpha)
+
+
+def ggx_pdf_of(g: brdf.Geometry, alpha: torch.Tensor) -> torch.Tensor:
+    """ggx_pdf from the directions' cosines (P, N)."""
     h_dot_o = g.h_dot_o.clamp(min=brdf.EPS)
     return (brdf.ggx_distribution(alpha, g.n_dot_h) * g.n_dot_h / (4 * h_dot_o))[..., 0]
 

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from . import brdf
 from .envmap import EnvironmentMap, luminance
 from .jobformat import Camera
-from .sampling import UNIFORM_SPHERE_PDF, cosine_local, ggx_directions, ggx_pdf, make_rays, to_world
+from .sampling import UNIFORM_SPHERE_PDF, cosine_local, ggx_directions, ggx_pdf_of, make_rays, to_world
 from .shaders import PixelInputs, layered_diffuse
 
 LIGHTS = 32  # HDRI directions for the visibility
@@ -157,11 +157,12 @@ def light_pdf(envmap: EnvironmentMap, directions: torch.Tensor, count: int = LIG
     return (lit * envmap.pdf(directions) + (count - lit) * UNIFORM_SPHERE_PDF) / count
 
 
-def sampled_specular(normals: torch.Tensor, wo: torch.Tensor, f0: torch.Tensor, roughness: torch.Tensor,
-                     wi: torch.Tensor) -> torch.Tensor:
-    """The compensated GGX lobe's f cos / pdf (P, N, 3) for directions wi (P, N, 3) drawn by ggx_directions."""
-    pdf = ggx_pdf(wi, normals, wo, brdf.ggx_alpha(roughness)).clamp(min=1e-6)[..., None]
-    return brdf.ggx_specular(f0, roughness, brdf.geometry(normals, wo, wi)) / pdf
+def specular_lobe(normals: torch.Tensor, wo: torch.Tensor, f0: torch.Tensor, roughness: torch.Tensor,
+                  wi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compensated GGX lobe's f cos (P, N, 3) towards directions wi (P, N, 3), and the density (P, N) with
+    which ggx_directions draws them."""
+    g = brdf.geometry(normals, wo, wi)
+    return brdf.ggx_specular(f0, roughness, g), ggx_pdf_of(g, brdf.ggx_alpha(roughness))
 
 
 class ScreenSpace:
@@ -309,14 +310,16 @@ class ScreenSpace:
         directions = ggx_directions(self._uniforms((len(m), REFLECTION_RAYS, 2), 2), normals, wo,
                                     brdf.ggx_alpha(roughness))
         index, seen, _ = self._trace(directions, 2)
-        pdf = ggx_pdf(directions, normals, wo, brdf.ggx_alpha(roughness)).clamp(min=1e-6)
-        weight = sampled_specular(normals, wo, materials.specular[m], roughness, directions) / REFLECTION_RAYS
+        lobe, pdf = specular_lobe(normals, wo, materials.specular[m], roughness, directions)
+        pdf = pdf.clamp(min=1e-6)
+        weight = lobe / (pdf[..., None] * REFLECTION_RAYS)
         at = self.foreground_index[index.flatten()]  # the hit surfaces' materials
         back = -directions.reshape(-1, 3)
         onward = ggx_directions(self._uniforms((len(at), 1, 2), 3), self.normals[at], back,
                                 brdf.ggx_alpha(materials.roughness[at]))
-        onward_weight = sampled_specular(self.normals[at], back, materials.specular[at], materials.roughness[at],
-                                         onward)
+        onward_lobe, onward_pdf = specular_lobe(self.normals[at], back, materials.specular[at],
+                                                materials.roughness[at], onward)
+        onward_weight = onward_lobe / onward_pdf.clamp(min=1e-6)[..., None]
         return Reflections(directions, weight, pdf, index, seen[..., None], onward.view_as(directions),
                            onward_weight.view_as(directions))
 
@@ -369,11 +372,9 @@ class ScreenSpace:
         m, materials, count = self.marchers, self.materials, len(lights)
         mixture = REFLECTION_RAYS * pdf + count * sky.light_pdf(directions)
         along_rays = sky.radiance(directions) * weight * (REFLECTION_RAYS * pdf / mixture.clamp(min=1e-12))[..., None]
-        normals, wo, roughness = self.normals[m], materials.wo[m], materials.roughness[m]
-        towards = lights.expand(len(m), -1, -1)
-        lobe = brdf.ggx_specular(materials.specular[m], roughness, brdf.geometry(normals, wo, towards))
-        mixture = (REFLECTION_RAYS * ggx_pdf(towards, normals, wo, brdf.ggx_alpha(roughness))
-                   + count * sky.light_pdf(lights))
+        lobe, pdf = specular_lobe(self.normals[m], materials.wo[m], materials.specular[m], materials.roughness[m],
+                                  lights.expand(len(m), -1, -1))
+        mixture = REFLECTION_RAYS * pdf + count * sky.light_pdf(lights)
         along_lights = lobe * sky.radiance(lights) / mixture.clamp(min=1e-12)[..., None]
         hidden = (along_rays * seen).sum(1) + (along_lights * ~free[..., None]).sum(1)
         parts = torch.cat([light, hidden, along_rays.sum(1) + along_lights.sum(1)], -1)[self.follows]

@@ -20,6 +20,7 @@ from backend.screenspace import (
     ScreenSpace,
     Sky,
     light_directions,
+    specular_lobe,
 )
 from backend.shadow import ShadowNet
 from backend.synthetic import Material, Plane, Sphere, constant_hdri, demo_scene_job, look_at, perspective, trace
@@ -353,34 +354,35 @@ def test_a_mirror_sphere_in_a_mirror_floor_shows_the_sky_it_reflects_towards_the
     assert abs(reflection[inside].mean() - expected) < 0.15
 
 
-def test_a_sun_in_a_rough_lobe_is_found_by_the_light_directions_and_not_taken_for_hidden():
-    """A rough metal floor whose GGX rays partly meet the sphere, under a dim sky and a sun one degree wide that
-    the 4 GGX rays per pixel practically never find. The share of the lobe's sky that the sphere hides is
-    that of the dim sky only: with the sun among the light directions, and seen (free by construction), the
-    reflection term takes almost nothing away; from the GGX rays alone, the sun's glint in the shading (S = 1)
-    would be removed in the proportion of the dim sky's rays that are hidden."""
+def test_a_hidden_sun_in_a_rough_lobe_is_found_by_the_light_directions():
+    """A rough metal floor under a sun one degree wide that the depth buffer says is hidden from every pixel
+    (free = False by construction): the reflection term takes the sun's whole glint S away. The 4 GGX rays
+    per pixel practically never find so small a sun, so without the light directions the glint would stay,
+    a highlight inside a shadow."""
     gbuffer, camera = one_sphere_on_a_plane(floor=Material((1.0, 1.0, 1.0), metallic=1.0, roughness=0.5))
     space = screen_space(gbuffer, camera)
     sun = torch.tensor([0.0, 0.5, 1.0]) / math.sqrt(1.25)
     cap = 2 * math.pi * (1 - math.cos(math.radians(1.0)))  # the sun's solid angle
 
     def radiance(directions):
-        return torch.where(directions @ sun > math.cos(math.radians(1.0)), 1e4, 0.01)[..., None].expand_as(directions)
+        return torch.where(directions @ sun > math.cos(math.radians(1.0)), 1e4, 0.0)[..., None].expand_as(directions)
 
     def light_pdf(directions):  # one light direction, drawn uniformly over the sun's disc
         return torch.where(directions @ sun > math.cos(math.radians(1.0)), 1 / cap, 0.0)
 
-    sky = Sky(radiance, torch.zeros_like, light_pdf)
-    nothing, shading = torch.zeros(1, 3, *gbuffer.mask.shape), torch.ones(1, 3, *gbuffer.mask.shape)
-    seen = torch.ones(len(space.starts), 1, dtype=torch.bool)
-    visible = torch.ones(1, 1, *gbuffer.mask.shape)
-    with_sun = space.reflection(nothing, shading, sky, visible, sun[None], seen)[0, 0].numpy()
-    rays_only = reflection_of(space, nothing, shading, radiance, visible)
-    hits, _, _ = mirror_floor_hits(gbuffer, camera)
-    sphere = (gbuffer.mask > 0) & (gbuffer.position[..., 2] > 1e-3)
-    inside = (gbuffer.mask > 0) & ~sphere & hits & ~dilate(~hits, 3)
-    assert inside.sum() > 100 and -rays_only[inside].mean() > 0.3  # what the GGX rays alone would take
-    assert -with_sun[inside].mean() < 0.05
+    pixels = space.materials
+    lobe, _ = specular_lobe(pixels.normal, pixels.wo, pixels.specular, pixels.roughness, sun.expand(len(pixels), 1, 3))
+    glint = space.to_image(lobe[:, 0] * 1e4 * cap)  # the shading's specular part S: the sun's glint
+    nothing, visible = torch.zeros(1, 3, *gbuffer.mask.shape), torch.ones(1, 1, *gbuffer.mask.shape)
+    hidden = torch.zeros(len(space.starts), 1, dtype=torch.bool)
+    with_sun = space.reflection(nothing, glint, Sky(radiance, torch.zeros_like, light_pdf), visible, sun[None], hidden)
+    rays_only = reflection_of(space, nothing, glint, radiance, visible)
+    floor, shown = gbuffer.position[..., 2] < 1e-3, glint[0, 0].numpy()
+    lit = floor & (shown > 0.05 * shown.max())
+    assert lit.sum() > 500
+    taken = -with_sun[0, 0].numpy()[lit].sum() / shown[lit].sum()
+    assert 0.9 < taken < 1.05
+    assert -rays_only[lit].sum() / shown[lit].sum() < 0.1
 
 
 def test_rough_metal_reflects_what_stands_on_it_and_the_paths_are_kept_for_relights():
