@@ -113,8 +113,8 @@ class Paths(NamedTuple):
 class Reflections(NamedTuple):
     """The marchers' GGX rays, marched once: directions (M, K, 3), weights f cos / (pdf K) (M, K, 3), pdfs (M, K),
     the pixel each hits (M, K) and whether a surface facing it is seen there (M, K, 1); and at that surface one
-    GGX ray onwards, sampled about the way back to the marcher: its direction (M, K, 3) and weight f cos / pdf
-    (M, K, 3)."""
+    GGX ray onwards, sampled about the way back to the marcher: its direction (M, K, 3), weight f cos / pdf
+    (M, K, 3) and pdf (M, K)."""
 
     directions: torch.Tensor
     weight: torch.Tensor
@@ -123,6 +123,7 @@ class Reflections(NamedTuple):
     seen: torch.Tensor
     onward: torch.Tensor
     onward_weight: torch.Tensor
+    onward_pdf: torch.Tensor
 
 
 @dataclass
@@ -319,9 +320,9 @@ class ScreenSpace:
                                 brdf.ggx_alpha(materials.roughness[at]))
         onward_lobe, onward_pdf = specular_lobe(self.normals[at], back, materials.specular[at],
                                                 materials.roughness[at], onward)
-        onward_weight = onward_lobe / onward_pdf.clamp(min=1e-6)[..., None]
+        onward_pdf = onward_pdf.clamp(min=1e-6)
         return Reflections(directions, weight, pdf, index, seen[..., None], onward.view_as(directions),
-                           onward_weight.view_as(directions))
+                           (onward_lobe / onward_pdf[..., None]).view_as(directions), onward_pdf.view(pdf.shape))
 
     def _paths_of(self, term: str):
         if term not in self._paths:
@@ -364,8 +365,12 @@ class ScreenSpace:
         on-screen surfaces send whichever way they are seen (diffuse x visibility + lamps), specular: the
         shading's unshadowed specular part S, (1, 3, H, W) each; visibility V (1, 1, H, W); lights: the
         visibility's light directions (K, 3), free: whether each marcher sees them (M, K)."""
-        directions, weight, pdf, index, seen, onward, onward_weight = self._paths_of("reflection")
-        glint = visibility.flatten()[index][..., None] * onward_weight * sky.radiance(onward)
+        directions, weight, pdf, index, seen, onward, onward_weight, onward_pdf = self._paths_of("reflection")
+        # The onward ray is the GGX half of an MIS estimate whose light-sampled half is left out: a lamp that a
+        # rough surface's wide lobe happens to meet would be a firefly (a thousand times the sky, in one ray),
+        # a mirror's narrow lobe keeps what it meets.
+        glint = (visibility.flatten()[index][..., None] * onward_weight * sky.radiance(onward)
+                 * (onward_pdf / (onward_pdf + sky.light_pdf(onward)))[..., None])
         light = self._gather(index, weight * seen, surfaces) + (weight * seen * glint).sum(1)
         # The lobe's sky, and what of it is hidden, from the GGX rays and the light directions together (MIS,
         # balance heuristic): the GGX rays find a narrow lobe's sky, the light directions a sun in a wide one.
