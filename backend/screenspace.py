@@ -18,16 +18,19 @@ shows of the scene corrects that physically, before any network (the shadow net 
   nothing gives any back: concave objects come out too dark.
 - reflection (1, 3, H, W): the same through every pixel's GGX lobe: G - V B S, objects seen in a glossy
   floor, the sunlit ground in a rough metal's side, in place of the sky the shading put there. G = mean_k
-  (f cos / pdf)_k L(hit_k) is the light of the surfaces the rays meet; B = sum_k (f cos / pdf)_k L_env(d_k)
-  over the rays that meet a surface / the same over all rays is the share of the lobe's sky that they hide,
-  and S the shading's (unshadowed) specular part, which the visibility V already dimmed (the term is negative
-  where a dark object hides a bright sky). L(hit) is not the image at the hit pixel, which is what the
-  surface shows the camera: a metal shows the pixel what it reflects the other way. It is the hit's diffuse
-  light (seen alike from everywhere) plus one GGX ray onwards from it, about the way back, into the HDRI.
-  B is a ratio of sums filtered over neighbours, not a difference: a mirror-like metal's S is as detailed
-  as the HDRI, and a filtered difference would smear that detail into dark and bright blotches, while a
-  few rays' own ratio takes a lobe whose sampled rays all hit the floor for hidden whole. Rough lobes too:
-  a metal has no diffuse layer for the bounce to light, so without them its faces towards a lit floor stay
+  (f cos / pdf)_k L(hit_k) is the light of the surfaces the rays meet. L(hit) is not the image at the hit
+  pixel, which is what the surface shows the camera: a metal shows the pixel what it reflects the other
+  way. It is the hit's diffuse light (seen alike from everywhere) plus one GGX ray onwards from it, about
+  the way back, into the HDRI, weighted as the GGX half of an MIS estimate whose light-sampled half is
+  left out (a rough lobe that happens to meet a lamp would be a firefly; a mirror keeps what it meets).
+  B is the share of the lobe's sky that the surfaces hide, S the shading's (unshadowed) specular part,
+  which the visibility V already dimmed (the term is negative where a dark object hides a bright sky).
+  B = hidden / total, both estimated from the GGX rays and the visibility's light directions together
+  (MIS, balance heuristic: the GGX rays find a narrow lobe's sky, the light directions a sun in a wide
+  one) and filtered over neighbours before they are divided: a mirror-like metal's S is as detailed as the
+  HDRI, and a filtered difference would smear that detail into dark and bright blotches, while a few
+  rays' own ratio takes a lobe whose sampled rays all hit the floor for hidden whole. Rough lobes too: a
+  metal has no diffuse layer for the bounce to light, so without them its faces towards a lit floor stay
   dark; rays that escape the screen keep the HDRI.
 
 A ray is marched through the depth buffer in STEPS steps up to REACH x the median foreground depth (so
