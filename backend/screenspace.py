@@ -327,7 +327,7 @@ class ScreenSpace:
         return Reflections(directions, weight, pdf, index, seen[..., None], onward.view_as(directions),
                            (onward_lobe / onward_pdf[..., None]).view_as(directions), onward_pdf.view(pdf.shape))
 
-    def _paths_of(self, term: str):
+    def _paths_of(self, term: str) -> Paths | Reflections:
         if term not in self._paths:
             self._paths[term] = self._bounce_paths() if term == "bounce" else self._reflection_paths()
         return self._paths[term]
@@ -380,9 +380,9 @@ class ScreenSpace:
         m, materials, count = self.marchers, self.materials, len(lights)
         mixture = REFLECTION_RAYS * pdf + count * sky.light_pdf(directions)
         along_rays = sky.radiance(directions) * weight * (REFLECTION_RAYS * pdf / mixture.clamp(min=1e-12))[..., None]
-        lobe, pdf = specular_lobe(self.normals[m], materials.wo[m], materials.specular[m], materials.roughness[m],
-                                  lights.expand(len(m), -1, -1))
-        mixture = REFLECTION_RAYS * pdf + count * sky.light_pdf(lights)
+        lobe, lobe_pdf = specular_lobe(self.normals[m], materials.wo[m], materials.specular[m],
+                                       materials.roughness[m], lights.expand(len(m), -1, -1))
+        mixture = REFLECTION_RAYS * lobe_pdf + count * sky.light_pdf(lights)
         along_lights = lobe * sky.radiance(lights) / mixture.clamp(min=1e-12)[..., None]
         hidden = (along_rays * seen).sum(1) + (along_lights * ~free[..., None]).sum(1)
         parts = torch.cat([light, hidden, along_rays.sum(1) + along_lights.sum(1)], -1)[self.follows]
