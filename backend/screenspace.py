@@ -374,7 +374,8 @@ class ScreenSpace:
         # a mirror's narrow lobe keeps what it meets.
         glint = (visibility.flatten()[index][..., None] * onward_weight * sky.radiance(onward)
                  * (onward_pdf / (onward_pdf + sky.light_pdf(onward)))[..., None])
-        light = self._gather(index, weight * seen, surfaces) + (weight * seen * glint).sum(1)
+        on_surfaces = weight * seen
+        light = self._gather(index, on_surfaces, surfaces) + (on_surfaces * glint).sum(1)
         # The lobe's sky, and what of it is hidden, from the GGX rays and the light directions together (MIS,
         # balance heuristic): the GGX rays find a narrow lobe's sky, the light directions a sun in a wide one.
         m, materials, count = self.marchers, self.materials, len(lights)
