@@ -16,15 +16,19 @@ shows of the scene corrects that physically, before any network (the shadow net 
   behind it) takes that side as diffuse, of the visible side's albedo, facing the ray: L = albedo E(-d) / pi
   with E the HDRI's irradiance. Without it the visibility takes the HDRI light such a ray blocks away and
   nothing gives any back: concave objects come out too dark.
-- reflection (1, 3, H, W): the same through every pixel's GGX lobe: G - V B S, objects seen in a glossy
-  floor, the sunlit ground in a rough metal's side, in place of the sky the shading put there. G = mean_k
+- reflection (1, 3, H, W): the same through every pixel's GGX lobe: G + (1 - B - V) S, objects seen in a
+  glossy floor, the sunlit ground in a rough metal's side, in place of the sky the shading put there. G = mean_k
   (f cos / pdf)_k L(hit_k) is the light of the surfaces the rays meet. L(hit) is not the image at the hit
   pixel, which is what the surface shows the camera: a metal shows the pixel what it reflects the other
   way. It is the hit's diffuse light (seen alike from everywhere) plus one GGX ray onwards from it, about
   the way back, into the HDRI, weighted as the GGX half of an MIS estimate whose light-sampled half is
   left out (a rough lobe that happens to meet a lamp would be a firefly; a mirror keeps what it meets).
-  B is the share of the lobe's sky that the surfaces hide, S the shading's (unshadowed) specular part,
-  which the visibility V already dimmed (the term is negative where a dark object hides a bright sky).
+  B is the share of the lobe's sky that the surfaces hide, S the shading's (unshadowed) specular part. The
+  image multiplies the whole shading by the visibility V, which is the diffuse layer's (cosine-weighted);
+  the specular layer's own is its lobe's, 1 - B, so the term swaps V S for (1 - B) S. Dimming S by both
+  would shadow it twice for the same occluders: a rough lobe, close to the cosine one, by about V^2, and a
+  glossy floor in a sun's shadow would lose the sky it mirrors. (The term is negative where a dark object
+  hides a bright sky.)
   B = hidden / total, both estimated from the GGX rays and the visibility's light directions together
   (MIS, balance heuristic: the GGX rays find a narrow lobe's sky, the light directions a sun in a wide
   one) and filtered over neighbours before they are divided: a mirror-like metal's S is as detailed as the
@@ -364,7 +368,7 @@ class ScreenSpace:
     def reflection(self, surfaces: torch.Tensor, specular: torch.Tensor, sky: Sky, visibility: torch.Tensor,
                    lights: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
         """What pixels reflect of on-screen surfaces through their GGX lobe, in place of the HDRI the shading
-        reflected along those rays, (1, 3, H, W), filtered: G - V B S (module docstring). surfaces: the light
+        reflected along those rays, (1, 3, H, W), filtered: G + (1 - B - V) S (module docstring). surfaces: the light
         on-screen surfaces send whichever way they are seen (diffuse x visibility + lamps), specular: the
         shading's unshadowed specular part S, (1, 3, H, W) each; visibility V (1, 1, H, W); lights: the
         visibility's light directions (K, 3), free: whether each marcher sees them (M, K)."""
@@ -388,7 +392,7 @@ class ScreenSpace:
         hidden = (along_rays * seen).sum(1) + (along_lights * ~free[..., None]).sum(1)
         parts = torch.cat([light, hidden, along_rays.sum(1) + along_lights.sum(1)], -1)[self.follows]
         light, hidden, total = self.smooth(self.to_image(parts), INDIRECT_FILTER_LEVELS).split(3, 1)
-        return light - visibility * hidden / total.clamp(min=1e-12) * specular * self.mask
+        return light + (1 - hidden / total.clamp(min=1e-12) - visibility) * specular * self.mask
 
     def transport(self, directions: torch.Tensor, weights: torch.Tensor, sky: Sky, unshadowed: torch.Tensor,
                   lights: torch.Tensor) -> Transport:
