@@ -159,6 +159,31 @@ def test_an_object_is_as_thick_as_measured_only_where_empty_space_follows_it():
     np.testing.assert_allclose(thickness[open_behind], measured[open_behind], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("row, col", [(28, 50), (36, 76)])  # suns behind the ball, left and right
+def test_rays_that_enter_a_thin_walled_ball_through_its_visible_side_are_blocked(row, col):
+    """A ball of radius 0.8 with a 0.01 wall: the G-buffer measures the wall 0.01 thick (the empty space inside
+    is deeper than the guess), so a step rarely lands inside it, and with the thickness test alone two thirds of
+    the floor's rays that enter it through the side the camera sees got through (shares 0.38 and 0.36). Going
+    from in front of the surface to behind it between two steps blocks them; those whose entry lies across the
+    ball's silhouette from their last step can still slip (the depth jumps there, as between two objects)."""
+    hdri, sun = sun_hdri(row, col, height=128)
+    ball, eye = ((0.0, 0.0, 1.0), 0.8), np.array((0.0, -4.0, 2.6))
+    camera = Camera(look_at(tuple(eye), (0.0, 0.0, 0.3)), perspective(40.0, 240 / 180))
+    gbuffer = trace(camera, 240, 180, [Plane(0.0, 3.0, Material((0.5, 0.5, 0.5), roughness=0.8)), Sphere(*ball),
+                                       Sphere(ball[0], ball[1] - 0.01)])
+    space = screen_space(gbuffer, camera)
+    wall = (gbuffer.mask > 0) & (gbuffer.back_depth < 1e9)
+    assert (space.thickness_map.view(182, 242)[1:-1, 1:-1].numpy()[wall] < 0.05).mean() > 0.8  # measured thin
+    start = gbuffer.position + 1e-3 * gbuffer.normal
+    blocked, distance = ray_hits_spheres(start, sun, [ball])
+    entry = start + np.where(blocked, distance, 0)[..., None] * sun
+    seen = ((entry - ball[0]) * (eye - entry)).sum(-1) > 0  # on the side of the ball that faces the camera
+    entering = blocked & seen & (gbuffer.normal[..., 2] > 0.99)
+    assert entering.sum() > 3000
+    visibility = space.visibility(*light_directions(EnvironmentMap(hdri)))[0, 0].numpy()
+    assert (visibility[entering] < 0.5).mean() > 0.5
+
+
 def test_the_demo_scenes_shadows_match_ray_traced_ones_on_the_ground():
     hdri, sun = sun_hdri(26, 80)
     job = demo_scene_job(128, 96, hdri=hdri)
