@@ -330,7 +330,8 @@ class ScreenSpace:
 
     def _trace(self, directions: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(hit pixel, seen, hidden), (M, K) each: where the marchers' rays land, whether on an on-screen
-        surface facing them, or on the unseen side of one (the surface at the hit pixel faces away)."""
+        surface facing them, or on the unseen side of one (the surface at the hit pixel faces away, or an object
+        hidden behind it)."""
         hits, behind = self.march(directions, self._uniforms(directions.shape[:2], stream))
         index = hits.clamp(min=0)
         seen = ((self.normal_map[index] * directions).sum(-1) < 0) & ~behind
