@@ -13,10 +13,9 @@ shows of the scene corrects that physically, before any network (the shadow net 
   direct-lit image at the pixel a ray hits (a ray that escapes sees the HDRI, which the shading holds).
   A ray that meets the side of an object the camera does not see (the surface at its hit pixel faces away
   from it: the inside of a torus's near tube seen from the hole, a ball's far side seen from the floor
-  behind it), or an object hidden behind the one the camera sees (below), takes that side as diffuse, of
-  the visible side's albedo, facing the ray: L = albedo E(-d) / pi with E the HDRI's irradiance. Without it
-  the visibility takes the HDRI light such a ray blocks away and nothing gives any back: concave objects come
-  out too dark.
+  behind it) takes that side as diffuse, of the visible side's albedo, facing the ray: L = albedo E(-d) / pi
+  with E the HDRI's irradiance. Without it the visibility takes the HDRI light such a ray blocks away and
+  nothing gives any back: concave objects come out too dark.
 - reflection (1, 3, H, W): the same through every pixel's GGX lobe: G + (1 - B - V) S, objects seen in a
   glossy floor, the sunlit ground in a rough metal's side, in place of the sky the shading put there. G = mean_k
   (f cos / pdf)_k L(hit_k) is the light of the surfaces the rays meet. L(hit) is not the image at the hit
@@ -50,18 +49,16 @@ nothing depends on the scene's units). A step is blocked where the ray passes th
   assumed that solid behind their visible surface, thinner towards their silhouettes), unless the G-buffer's
   back_depth and next_depth layers (the second and third surfaces along the pixel's ray) show the object
   ending sooner with empty space behind it to at least the guessed depth: then back_depth is the object's
-  back, and the surface at next_depth is the front of an object that the visible one hides, taken as thick as
-  the visible one (a cup's far wall seen through its near one). So a ball in the air does not shadow like a
-  long column, while a cup whose far wall lies close behind its near one stays solid: the camera cannot see
-  what closes the space between them (a tilted cup's bottom), and a ray from below would pass through it.
+  back. So a ball in the air does not shadow like a long column, while a cup whose far wall lies close behind
+  its near one stays solid: the camera cannot see what closes the space between them (a tilted cup's bottom),
+  and a ray from below would pass through it.
 Testing part of the way, not only the step's point, keeps a thin object between two steps from being
 skipped; the whole way would take a ray that passes just behind an object's rim for blocked. Step positions
 are jittered per pixel and ray: fixed positions find a thin occluder at the same distances from every pixel
 and draw repeated "ghost" copies of its shadow in stripes; jittered ones turn that into noise, which an
 edge-aware (tangent plane and normal) filter removes. A hit below the start's tangent plane is not one (the
-ray passed behind its own object). A hit on a hidden object counts as one on a side the camera does not see
-(for the bounce). What the camera does not see otherwise (off-screen occluders, objects hidden behind two
-others) cannot block or bounce: the network corrects what it can.
+ray passed behind its own object). What the camera does not see (off-screen or hidden occluders, the backs
+of objects) cannot block or bounce: the network corrects what it can.
 
 Cost: pixels x rays x steps depth lookups. Above MARCH_BUDGET foreground pixels, one pixel per block
 marches and its block shares what its rays hit (each pixel keeps its own cosine weights and radiance).
@@ -223,29 +220,22 @@ class ScreenSpace:
         # How far behind its visible surface an object is solid, the guess: the chord of a convex object shrinks
         # towards its silhouette like n.wo does (for a sphere exactly: 2 r n.wo), so a ray that passes just
         # behind an object's rim is not taken for blocked. Measured where empty space follows the object's back
-        # to at least the guessed depth; the next surface is then the front of a hidden object as thick (module
-        # docstring).
+        # to at least the guessed depth (module docstring).
         facing = torch.zeros(height * width, device=device)
         facing[self.pixels] = (self.normals * pixels.wo).sum(-1).clamp(MIN_FACING, 1)
-        guess = (THICKNESS * self.scale * facing).view(height, width)
-        thickness, hidden_front = guess, torch.full_like(guess, torch.inf)
+        thickness = (THICKNESS * self.scale * facing).view(height, width)
         if back_depth is not None and next_depth is not None:
             measured = back_depth[0, 0] - depth[0, 0]
             gap = next_depth[0, 0] - back_depth[0, 0]  # NaN (compares False) where both are +Inf
             known = (foreground & (measured > TOLERANCE * depth[0, 0]) & (back_depth[0, 0] < NO_SURFACE)
-                     & (gap > guess))
-            thickness = torch.where(known, measured, guess)
-            hidden_front = torch.where(known & (next_depth[0, 0] < NO_SURFACE), next_depth[0, 0], torch.inf)
+                     & (gap > thickness))
+            thickness = torch.where(known, measured, thickness)
         self.thickness_map = F.pad(thickness, (1, 1, 1, 1)).flatten()
-        self.hidden_map = F.pad(hidden_front, (1, 1, 1, 1), value=torch.inf).flatten()
         # Homogeneous transforms are linear: clip(start + t d) = clip(start) + t clip(d, w=0); the same for
         # the view-axis depth (the camera looks down its -Z). Rows: clip x, clip y, clip w, view depth.
         world_to_camera = torch.as_tensor(camera.world_to_camera, dtype=torch.float32, device=device)
         projection = torch.as_tensor(camera.projection, dtype=torch.float32, device=device)
         self.to_screen = torch.stack([*(projection @ world_to_camera)[[0, 1, 3]], -world_to_camera[2]])  # (4, 4)
-        # world displacement per unit of view depth along each foreground pixel's camera ray (to place hidden hits)
-        self.along_ray_map = torch.zeros(height * width, 3, device=device)
-        self.along_ray_map[self.pixels] = -pixels.wo / (-pixels.wo @ self.to_screen[3, :3]).clamp(min=1e-6)[:, None]
         self._paths: dict[str, Paths] = {}
         self._weights: dict[int, list[torch.Tensor]] = {}  # a-trous level -> its taps' weights
 
@@ -253,15 +243,13 @@ class ScreenSpace:
         generator = torch.Generator().manual_seed(self.seed * 7919 + stream)
         return torch.rand(shape, generator=generator).to(self.depth.device)
 
-    def march(self, directions: torch.Tensor, jitter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the marchers' rays hit: (M, K) flat pixel indices, -1 where a ray escapes, and whether the hit is
-        a surface hidden behind the pixel's visible object (M, K) bool.
+    def march(self, directions: torch.Tensor, jitter: torch.Tensor) -> torch.Tensor:
+        """What the marchers' rays hit: (M, K) flat pixel indices, -1 where a ray escapes.
 
         directions (1 or M, K, 3) world space; jitter (M, K) in [0, 1), each ray's offset of its steps."""
         width, height = self.width, self.height
         steps = torch.arange(STEPS, device=directions.device)
         hits = torch.empty(jitter.shape, dtype=torch.long, device=directions.device)
-        behind = torch.empty(jitter.shape, dtype=torch.bool, device=directions.device)
         chunk = max(1, CHUNK_RAYS // jitter.shape[1])
         for lo in range(0, len(self.starts), chunk):
             hi = min(lo + chunk, len(self.starts))
@@ -275,37 +263,31 @@ class ScreenSpace:
             col = (x / w + 1).mul_(width / 2).floor_().clamp_(-1, width).add_(1)  # in the padded map
             row = (1 - y / w).mul_(height / 2).floor_().clamp_(-1, height).add_(1)
             index = (row * (width + 2) + col).long()
-            pixel = ((row - 1).clamp(0, height - 1) * width + (col - 1).clamp(0, width - 1)).long()  # unpadded
+            # blocked (module docstring): the last SEGMENT of the way from the previous step overlaps the object at
+            # this step's pixel, from its visible surface to its back...
+            front = self.depth_map[index]
             previous = torch.cat([base[3].expand(*view_depth.shape[:-1], 1), view_depth[..., :-1]], -1)
             start = view_depth + SEGMENT * (previous - view_depth)
             near, far = torch.minimum(start, view_depth), torch.maximum(start, view_depth)
             tolerance = TOLERANCE * view_depth
-            front, hidden, thickness = self.depth_map[index], self.hidden_map[index], self.thickness_map[index]
-            # blocked (module docstring): the ray went through the visible surface since the previous step, in
-            # front of it then behind it, and the surface's depth under the two steps differs by at most
-            # CONTINUITY x the step (one surface, not the edge between two objects)...
-            behind_it, ahead_of_it = view_depth - front > tolerance, view_depth <= front
+            blocked = (far - front > tolerance) & (near - front < self.thickness_map[index])
+            # ... or it went through the visible surface since the previous step: in front of it there, behind it
+            # here, and the surface's depth under the two steps differs by at most CONTINUITY x the step (one
+            # surface, not the edge between two objects), however thin the surface (a cup's wall)
             front_before = torch.cat([base[3].expand(*front.shape[:-1], 1), front[..., :-1]], -1)
+            ahead_before = F.pad(previous[..., 1:] <= front[..., :-1], (1, 0), value=True)
             step = torch.diff(distance, dim=-1, prepend=torch.zeros_like(distance[..., :1]))
-            crossed = (F.pad(ahead_of_it[..., :-1], (1, 0), value=True) & behind_it
-                       & ((front - front_before).abs() <= CONTINUITY * step))
-            # ... or the last SEGMENT of its way overlaps the visible object (its surface to its back) or the one
-            # hidden behind it
-            in_front = crossed | ((far - front > tolerance) & (near - front < thickness))
-            blocked = in_front | ((far - hidden > tolerance) & (near - hidden < thickness))
+            continuous = (front - front_before).abs() <= CONTINUITY * step
+            blocked |= (view_depth - front > tolerance) & ahead_before & continuous
             first = blocked.to(torch.uint8).argmax(-1, keepdim=True)  # the first blocked step
-            hit = pixel.gather(-1, first)[..., 0]
-            front, hidden = front.gather(-1, first)[..., 0], hidden.gather(-1, first)[..., 0]
-            is_behind = ~in_front.gather(-1, first)[..., 0]
+            hit_row = row.gather(-1, first)[..., 0].long() - 1
+            hit_col = col.gather(-1, first)[..., 0].long() - 1
+            hit = (hit_row * width + hit_col).clamp_(0, width * height - 1)
             # A surface below the start's tangent plane cannot be in the way of a ray that leaves it (the
-            # ray passed behind the start's own object, e.g. near a sphere's silhouette): it escapes. A hidden
-            # surface lies further along the hit pixel's camera ray than the visible one.
-            beyond = torch.where(is_behind, hidden - front, 0)[..., None]  # how much deeper a hidden surface lies
-            surface = self.position_map[hit] + self.along_ray_map[hit] * beyond
-            above = ((surface - self.starts[lo:hi, None]) * self.start_normals[lo:hi, None]).sum(-1)
+            # ray passed behind the start's own object, e.g. near a sphere's silhouette): it escapes.
+            above = ((self.position_map[hit] - self.starts[lo:hi, None]) * self.start_normals[lo:hi, None]).sum(-1)
             hits[lo:hi] = torch.where(blocked.any(-1) & (above > 0), hit, -1)
-            behind[lo:hi] = is_behind & (hits[lo:hi] >= 0)
-        return hits, behind
+        return hits
 
     def to_image(self, values: torch.Tensor) -> torch.Tensor:
         """Foreground values (P, C) as a (1, C, H, W) image, 0 on the background."""
@@ -315,7 +297,7 @@ class ScreenSpace:
 
     def lights_free(self, directions: torch.Tensor) -> torch.Tensor:
         """Whether each marcher sees the HDRI along each light direction (K, 3), (M, K)."""
-        return self.march(directions[None], self._uniforms((len(self.starts), len(directions)), 0))[0] < 0
+        return self.march(directions[None], self._uniforms((len(self.starts), len(directions)), 0)) < 0
 
     def visibility(self, directions: torch.Tensor, weights: torch.Tensor, free: torch.Tensor | None = None
                    ) -> torch.Tensor:
@@ -330,12 +312,11 @@ class ScreenSpace:
 
     def _trace(self, directions: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(hit pixel, seen, hidden), (M, K) each: where the marchers' rays land, whether on an on-screen
-        surface facing them, or on the unseen side of one (the surface at the hit pixel faces away, or an object
-        hidden behind it)."""
-        hits, behind = self.march(directions, self._uniforms(directions.shape[:2], stream))
+        surface facing them, or on the unseen side of one (the surface at the hit pixel faces away)."""
+        hits = self.march(directions, self._uniforms(directions.shape[:2], stream))
         index = hits.clamp(min=0)
-        seen = ((self.normal_map[index] * directions).sum(-1) < 0) & ~behind
-        return index, (hits >= 0) & seen, (hits >= 0) & ~seen
+        facing = (self.normal_map[index] * directions).sum(-1) < 0
+        return index, (hits >= 0) & facing, (hits >= 0) & ~facing
 
     def _bounce_paths(self) -> Paths:
         """Cosine rays, of weight 1 / K where a surface is seen."""
