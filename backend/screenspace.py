@@ -275,7 +275,7 @@ class ScreenSpace:
             # here, and the surface's depth under the two steps differs by at most CONTINUITY x the step (one
             # surface, not the edge between two objects), however thin the surface (a cup's wall)
             front_before = torch.cat([base[3].expand(*front.shape[:-1], 1), front[..., :-1]], -1)
-            ahead_before = F.pad(previous[..., 1:] <= front[..., :-1], (1, 0), value=True)
+            ahead_before = F.pad(view_depth[..., :-1] <= front[..., :-1], (1, 0), value=True)
             step = torch.diff(distance, dim=-1, prepend=torch.zeros_like(distance[..., :1]))
             continuous = (front - front_before).abs() <= CONTINUITY * step
             blocked |= (view_depth - front > tolerance) & ahead_before & continuous
