@@ -37,6 +37,7 @@ from .losses import LOSSES, PAIRED, paired_loss, reconstruction_loss
 if TYPE_CHECKING:
     import torch
 
+    from backend.jobformat import Result
     from backend.models import ShadingModel
     from backend.renderer import PreparedGBuffer
 
@@ -99,6 +100,9 @@ class TrainConfig:
                      "val_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("steps", "shadow_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 0, got {getattr(self, name)}")
         if self.batch_pixels < self.images_per_batch:
             raise ValueError("--batch-pixels must be at least --images-per-batch")
 
@@ -273,8 +277,9 @@ def psnr_scores(predictions, targets, masks) -> dict[str, float]:
 
 
 def render_unshadowed(checkpoint: Path, prepared: list[PreparedGBuffer], samples: list[Sample], rays: int,
-                      sampling: str, device: torch.device, desc: str | None = None) -> list:
-    """The shader's images of the samples, rendered from a checkpoint by backend.renderer (rays seeded 0)."""
+                      sampling: str, device: torch.device, desc: str | None = None) -> list[Result]:
+    """The shader's shadow-free renders of the samples from a checkpoint by backend.renderer (rays seeded 0):
+    premultiplied by their alpha, the G-buffer's coverage (backend/edges.py)."""
     from tqdm import tqdm
 
     from backend.jobformat import Options
@@ -285,7 +290,13 @@ def render_unshadowed(checkpoint: Path, prepared: list[PreparedGBuffer], samples
     pairs = zip(prepared, samples, strict=True)
     if desc is not None:
         pairs = tqdm(pairs, total=len(samples), desc=desc, leave=False, file=sys.stderr)
-    return [renderer.shade(p, sample.job.hdri, options).unshadowed for p, sample in pairs]
+    return [renderer.shade(p, sample.job.hdri, options) for p, sample in pairs]
+
+
+def on_film(premultiplied, alpha, background):
+    """An image premultiplied by its alpha over the world behind it, as the ground truth's opaque film shows
+    it (and `pbnds eval` scores it): at a silhouette, Cycles' pixel is part object and part world."""
+    return premultiplied + (1 - alpha) * background
 
 
 def shading_target(sample: Sample):
@@ -374,12 +385,17 @@ class ShaderStage:
         return reconstruction_loss(self.config.loss, predictions[0], target)
 
     def validate(self, checkpoint: Path) -> dict[str, float]:
-        images = render_unshadowed(checkpoint, self.val_prepared, self.val, self.config.val_rays,
-                                   self.config.sampling, self.workers.device)
+        from backend.edges import world_background
+
+        results = render_unshadowed(checkpoint, self.val_prepared, self.val, self.config.val_rays,
+                                    self.config.sampling, self.workers.device)
+        images = [on_film(r.unshadowed, r.mask[..., None], world_background(s.job))
+                  for r, s in zip(results, self.val, strict=True)]
         return psnr_scores(images, [shading_target(s) for s in self.val], [s.job.gbuffer.mask for s in self.val])
 
 
 SHADOW_INPUTS = ("unshadowed", "albedo", "normal", "ao", "depth", "mask")
+FILM = ("alpha", "background", "target")  # stage two scores the film: the image over the world, as Cycles'
 
 
 class ShadowStage:
@@ -390,8 +406,10 @@ class ShadowStage:
     def __init__(self, config: TrainConfig, model: ShadingModel, stage_one: Path, train: list[Sample],
                  val: list[Sample], workers: Workers):
         """stage_one: the checkpoint of stage one; its images are rendered with the rays stage one used."""
+        import numpy as np
         import torch
 
+        from backend.edges import world_background
         from backend.envmap import EnvironmentMap
         from backend.models import load_checkpoint
 
@@ -406,11 +424,15 @@ class ShadowStage:
 
         def tensors(samples: list[Sample], desc: str) -> list[dict[str, torch.Tensor]]:
             prepared = prepare(samples, workers.device)
-            unshadowed = render_unshadowed(stage_one, prepared, samples, shading["val_rays"], shading["sampling"],
-                                           workers.device, desc if workers.main else None)
+            results = render_unshadowed(stage_one, prepared, samples, shading["val_rays"], shading["sampling"],
+                                        workers.device, desc if workers.main else None)
             out = []
-            for p, image, sample in zip(prepared, unshadowed, samples, strict=True):
-                images = {"unshadowed": image, "target": sample.gt_full}
+            for p, result, sample in zip(prepared, results, samples, strict=True):
+                # the net sees the shading as the renderer gives it to it, not yet premultiplied by the coverage
+                alpha = result.mask[..., None]
+                straight = np.where(alpha > 0, result.unshadowed / np.maximum(alpha, 1e-6), 0).astype(np.float32)
+                images = {"unshadowed": straight, "alpha": alpha.astype(np.float32),
+                          "background": world_background(sample.job), "target": sample.gt_full}
                 images = {k: torch.from_numpy(v).permute(2, 0, 1)[None].to(workers.device) for k, v in images.items()}
                 if model.shadow.transport:
                     envmap = EnvironmentMap(sample.job.hdri, workers.device)
@@ -448,11 +470,12 @@ class ShadowStage:
                 window = (..., slice(top, top + config.shadow_crop), slice(left, left + config.shadow_crop))
                 tensors = {k: v[window] for k, v in tensors.items()}
             crops.append(tensors)
-        batch = {k: torch.cat([c[k] for c in crops]) for k in (*self.inputs, "target")}
+        batch = {k: torch.cat([c[k] for c in crops]) for k in (*self.inputs, *FILM)}
         with torch.autocast(self.workers.device.type, dtype=torch.bfloat16, enabled=config.amp):
             shadow, indirect = module(*(batch[k] for k in self.inputs))
         prediction = composite(batch["unshadowed"], shadow.float(), indirect.float(), batch["mask"])
-        return reconstruction_loss(config.loss, prediction, batch["target"], batch["mask"])
+        film = on_film(prediction * batch["alpha"], batch["alpha"], batch["background"])
+        return reconstruction_loss(config.loss, film, batch["target"], batch["mask"])
 
     def validate(self, checkpoint: Path) -> dict[str, float]:
         import torch
@@ -464,6 +487,7 @@ class ShadowStage:
             for tensors in self.val:
                 shadow, indirect = self.module(*(tensors[k] for k in self.inputs))
                 image = composite(tensors["unshadowed"], shadow, indirect, tensors["mask"])
+                image = on_film(image * tensors["alpha"], tensors["alpha"], tensors["background"])
                 predictions.append(image[0].permute(1, 2, 0).cpu().numpy())
                 targets.append(tensors["target"][0].permute(1, 2, 0).cpu().numpy())
                 masks.append(tensors["mask"][0, 0].cpu().numpy())
@@ -543,7 +567,7 @@ def run_stage(stage, config: TrainConfig, workers: Workers, run: Path, log: Log,
     stage.module.train()
     optimizer = torch.optim.Adam(stage.module.parameters(), lr=stage.lr)
     per_epoch = steps_per_epoch(stage.images, stage.per_step, workers.world)
-    total = stage.steps or stage.epochs * per_epoch
+    total = stage.steps if stage.steps is not None else stage.epochs * per_epoch
     meta = {"stage": stage.number, "step": 0, "total_steps": total, "steps_per_epoch": per_epoch,
             "finished": False, "seconds": 0.0, "val_start": None, "val": None, "world_size": workers.world,
             "losses": []}  # losses of the steps since the last loss row of the log
@@ -580,6 +604,7 @@ def run_stage(stage, config: TrainConfig, workers: Workers, run: Path, log: Log,
     bar = tqdm(total=total, initial=meta["step"], desc=f"stage {stage.number}", disable=not workers.main,
                dynamic_ncols=True, file=sys.stderr)
     if meta["step"] == 0:
+        meta["finished"] = total == 0  # 0 steps: the untrained model is the stage's result
         checkpoint(validate=True)  # the untrained model's scores
     with bar, StopRequest() as stop:
         for step in range(meta["step"], total):
@@ -733,7 +758,8 @@ def add_parser(commands) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     stage_one = parser.add_argument_group("stage one (shader)")
     stage_one.add_argument("--epochs", type=int, help=f"epochs (default: {TrainConfig.epochs}; paper preset 40)")
-    stage_one.add_argument("--steps", type=int, help="steps (overrides --epochs)")
+    stage_one.add_argument("--steps", type=int, help="steps (overrides --epochs); 0 keeps the untrained shader "
+                           "(for the default model: GGX)")
     stage_one.add_argument("--batch-pixels", type=int, help=f"foreground pixels per step (default: "
                            f"{TrainConfig.batch_pixels})")
     stage_one.add_argument("--images-per-batch", type=int, help="images the pixels of a step come from "

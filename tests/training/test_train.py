@@ -131,6 +131,36 @@ def test_two_stages_learn_and_the_model_reloads(dataset, tmp_path):
     assert np.isfinite(read_result(tmp_path / "out.exr").shaded).all()
 
 
+def test_stage_two_fits_the_film_that_eval_scores(dataset, tmp_path):
+    """With anti-aliased edges (a coverage layer), Cycles' silhouette pixels are part object, part world. Stage
+    two must fit what `pbnds eval` scores, the renderer's premultiplied image over the world, with the net fed
+    the shading the renderer feeds it (not yet premultiplied). Ground truth made that way from the untrained
+    default model (GGX + the physical terms) is then matched exactly by the untrained run (0 steps per stage)."""
+    import shutil
+
+    from backend.edges import over_background, world_background
+    from backend.jobformat import load_job
+
+    root = tmp_path / "data"
+    shutil.copytree(dataset, root)
+    renderer = Renderer("cpu")
+    for job_file in root.glob("*/*/*/job.json"):
+        job = load_job(job_file)
+        mask = job.gbuffer.mask.astype(np.float32)
+        padded = np.pad(mask, 1, mode="edge")
+        job.gbuffer.coverage = sum(padded[i:i + SIZE, j:j + SIZE] for i in range(3) for j in range(3)) / 9
+        write_job(job, job_file.parent)
+        job.options = Options(model="default", rays=TINY["val_rays"], sampling="importance", seed=0)
+        result = renderer.render(job)
+        assert 0 < result.mask[mask > 0].min() < 1  # silhouettes are partly covered
+        _rgb(job_file.parent / "gt_full.exr",
+             over_background(result.shaded, result.mask, world_background(job)).astype(np.float32))
+    config = make_config(root, tmp_path / "run", steps=0, shadow_steps=0, **TINY)
+    train(config)
+    stages = json.loads((tmp_path / "run" / "model.json").read_text())["training"]["stages"]
+    assert stages["2"]["val"]["val_psnr_fg"] > 60, stages
+
+
 def _interrupt_at(monkeypatch, stage_class, at_step: int) -> None:
     """Send this process SIGINT while `stage_class` computes the loss of step `at_step` (as Ctrl-C would)."""
     original = stage_class.loss
