@@ -150,7 +150,7 @@ class PreparedGBuffer:
             return rotate_z(world, -rotation) if rotation else world
 
         screen_space = self.preview_screen_space if preview else self.screen_space
-        count = len(directions)
+        count = directions.shape[1]  # per light set
         sky = Sky(lambda world: envmap.lookup(in_map(world)), lambda normals: envmap.irradiance(in_map(normals)),
                   lambda world: light_pdf(envmap, in_map(world), count))
         return screen_space.transport(directions, weights, sky, unshadowed, lights)
