@@ -5,9 +5,10 @@ shows of the scene corrects that physically, before any network (the shadow net 
 
 - visibility (1, 1, H, W): the share of the HDRI's cosine-weighted direct light that reaches the pixel,
   sum_k w_k cos_k V_k / sum_k w_k cos_k over K directions, half importance-sampled from the HDRI's luminance
-  and half stratified over the sphere (w_k = luminance / the mixture's pdf, shared by every pixel); 1 where
-  nothing blocks. For the diffuse layer this is exactly the visible fraction of the light; the shaded image
-  is unshadowed x visibility.
+  and half stratified over the sphere (w_k = luminance / the mixture's pdf); 1 where nothing blocks. The
+  pixels of a tile take different sets of K, and both sums are filtered before they are divided, which pools
+  the neighbours' directions. For the diffuse layer this is exactly the visible fraction of the light; the
+  shaded image is unshadowed x visibility.
 - bounce (1, 3, H, W): light that on-screen surfaces send into the pixel's diffuse layer,
   albedo (1 - the specular layer's albedo) mean_k L(hit_k) over cosine-distributed rays, where L is the
   direct-lit image at the pixel a ray hits (a ray that escapes sees the HDRI, which the shading holds).
