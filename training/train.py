@@ -299,6 +299,24 @@ def on_film(premultiplied, alpha, background):
     return premultiplied + (1 - alpha) * background
 
 
+COVERED = 0.999  # the coverage of a pixel that stage one fits
+
+
+def covered_pixels(sample: Sample, prepared: PreparedGBuffer) -> torch.Tensor:
+    """Indices into the foreground pixels that stage one fits: those the objects cover whole. Where the G-buffer
+    has a coverage layer, Cycles' silhouette pixels hold part of the world too, which the shader cannot
+    explain; an image with no whole pixel keeps them all."""
+    import numpy as np
+    import torch
+
+    count = len(prepared.index)
+    coverage = sample.job.gbuffer.coverage
+    if coverage is None:
+        return torch.arange(count)
+    whole = torch.from_numpy(np.flatnonzero(coverage.reshape(-1)[prepared.index.cpu().numpy()] >= COVERED))
+    return whole if len(whole) else torch.arange(count)
+
+
 def shading_target(sample: Sample):
     """Stage one's target: the shadow-free render, or the full render where a dataset has none (as the paper)."""
     return sample.gt_unshadowed if sample.gt_unshadowed is not None else sample.gt_full
@@ -335,6 +353,7 @@ class ShaderStage:
         self.envmaps = [EnvironmentMap(s.job.hdri, workers.device) for s in train]
         self.targets = [torch.from_numpy(shading_target(s).reshape(-1, 3)[p.index.cpu().numpy()]).to(workers.device)
                         for s, p in zip(train, self.prepared, strict=True)]
+        self.covered = [covered_pixels(s, p).to(workers.device) for s, p in zip(train, self.prepared, strict=True)]
         self.val_prepared = prepare(val, workers.device)
 
     def batch(self, step: int, estimates: int = 1):
@@ -353,7 +372,8 @@ class ShaderStage:
         parts = []
         for image in images:
             prepared, envmap = self.prepared[image], self.envmaps[image]
-            index = torch.randint(len(prepared.pixels), (count,), generator=draw).to(device)
+            covered = self.covered[image]
+            index = covered[torch.randint(len(covered), (count,), generator=draw).to(device)]
             source = prepared.pixels
             pixels = PixelInputs(*(t[index] for t in (source.albedo, source.specular, source.roughness,
                                                       source.normal, source.wo)))

@@ -161,6 +161,22 @@ def test_stage_two_fits_the_film_that_eval_scores(dataset, tmp_path):
     assert stages["2"]["val"]["val_psnr_fg"] > 60, stages
 
 
+def test_stage_one_fits_only_pixels_the_objects_cover_whole(dataset):
+    """A silhouette pixel of an anti-aliased Cycles render is part world: stage one leaves it out of its batches."""
+    from training.data import load_split
+    from training.train import covered_pixels, prepare
+
+    sample = load_split(dataset, "train")[0]
+    prepared = prepare([sample], torch.device("cpu"))[0]
+    assert torch.equal(covered_pixels(sample, prepared), torch.arange(len(prepared.index)))  # no coverage layer
+    mask = sample.job.gbuffer.mask.astype(np.float32)
+    padded = np.pad(mask, 1, mode="edge")
+    sample.job.gbuffer.coverage = sum(padded[i:i + SIZE, j:j + SIZE] for i in range(3) for j in range(3)) / 9
+    kept = covered_pixels(sample, prepared).numpy()
+    coverage = sample.job.gbuffer.coverage.reshape(-1)[prepared.index.numpy()]
+    assert 0 < len(kept) < len(prepared.index) and set(kept) == set(np.flatnonzero(coverage >= 0.999))
+
+
 def _interrupt_at(monkeypatch, stage_class, at_step: int) -> None:
     """Send this process SIGINT while `stage_class` computes the loss of step `at_step` (as Ctrl-C would)."""
     original = stage_class.loss
