@@ -415,7 +415,7 @@ class ShaderStage:
 
 
 SHADOW_INPUTS = ("unshadowed", "albedo", "normal", "ao", "depth", "mask")
-FILM = ("alpha", "background", "target")  # stage two scores the film: the image over the world, as Cycles'
+FILM = ("alpha", "background", "target")  # what stage two composes its film from and scores it against
 
 
 class ShadowStage:
