@@ -70,6 +70,12 @@ def discover(url="", token="", timeout=30.0):
     return ServiceClient(url, token, timeout=timeout)
 
 
+def depth_maps(job):
+    """The `shadow` objects of a job.json's lights and its `surround`: the depth maps uploaded with it."""
+    return [light["shadow"] for light in job.get("lights", []) if "shadow" in light] + (
+        [job["surround"]] if "surround" in job else [])
+
+
 def encode_multipart(fields):
     """Encode {name: bytes | str | (filename, bytes, content_type) | [those]} as multipart/form-data.
 
@@ -192,8 +198,8 @@ class ServiceClient:
             "job": ("job.json", job_json.read_bytes(), "application/json"),
             "gbuffer": ("gbuffer.exr", (root / job["gbuffer"]).read_bytes(), "application/octet-stream"),
             "hdri": ("hdri.exr", (root / job["hdri"]).read_bytes(), "application/octet-stream"),
-            "shadow_maps": [(light["shadow"]["file"], (root / light["shadow"]["file"]).read_bytes(),
-                             "application/octet-stream") for light in job.get("lights", []) if "shadow" in light],
+            "shadow_maps": [(entry["file"], (root / entry["file"]).read_bytes(), "application/octet-stream")
+                            for entry in depth_maps(job)],
         }
         body, ctype = encode_multipart(fields)
         return self.json("POST", "/v1/jobs", body, ctype)["id"]

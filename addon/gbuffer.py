@@ -50,6 +50,7 @@ import os
 from pathlib import Path
 
 import bpy
+from mathutils import Matrix
 
 from . import compat, lights, shadowmaps, world
 from .scene_state import ExportCancelled, ExportError, check_cancel, preserved, temporary_copy
@@ -72,7 +73,8 @@ PEELED_LAYERS = ((1, "back_depth"), (2, "next_depth"))
 
 def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=None, frame=None,
                cancel_check=None, progress=None, hdri_width=512, position=True, warnings=None,
-               shadow_map_size=512, background=False, coverage=True, behind=True):
+               shadow_map_size=512, background=False, coverage=True, behind=True,
+               surround_size=shadowmaps.SURROUND_SIZE):
     """Write ``out_dir``/{gbuffer.exr, hdri.exr, job.json} for ``scene``; return the job.json path.
 
     ``width``/``height`` override the render size (else resolution x percentage); ``frame`` the
@@ -86,7 +88,9 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
     session in the same render call, ~0.25 s more at 256x256 on 2 idle CPU cores). ``behind`` adds the
     back_depth and next_depth layers (one sample each of two more view layers: ~0.85 s more each at
     256x256 on 2 idle CPU cores, nearly all of it Cycles syncing the scene again for the view layer's
-    material override). The scene is left as it was in every case.
+    material override). ``surround_size`` (0: none) is the height of the `surround` map, a depth panorama
+    at the camera that shows the backend's shadows what the camera does not see (one more small Cycles
+    render). The scene is left as it was in every case.
     """
     out_dir = Path(out_dir).resolve()
 
@@ -115,7 +119,8 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
         outputs = ("gbuffer", "background")
         stale = [written for name in outputs for written in compat.file_output_files(out_dir, name)]
         # never mix two exports
-        for path in ["job.json", *(f"{name}.exr" for name in outputs), *stale, *out_dir.glob("shadow_*.exr")]:
+        for path in ["job.json", "surround.exr", *(f"{name}.exr" for name in outputs), *stale,
+                     *out_dir.glob("shadow_*.exr")]:
             _remove(out_dir / path)
         bpy.ops.render.render(write_still=False, scene=temp.name)
         for name in outputs:
@@ -126,14 +131,19 @@ def export_job(scene, out_dir, *, samples=4, options=None, width=None, height=No
         step(0.7, "Capturing the world HDRI and its suns")
         world.capture_hdri(temp, out_dir / "hdri.exr", width=hdri_width)
         job_lights += world.world_suns(temp)
-    if shadow_map_size and job_lights:
-        step(0.8, "Rendering the lights' shadow maps")
-        shadowmaps.render_shadow_maps(scene, job_lights, out_dir, size=shadow_map_size, frame=frame,
-                                      cancel_check=cancel_check)
+    surround = None
+    if (shadow_map_size and job_lights) or surround_size:
+        step(0.8, "Rendering the depth maps (the lights' and the surround)")
+        camera_position = Matrix(matrices["world_to_camera"]).inverted().translation if surround_size else None
+        surround = shadowmaps.render_shadow_maps(scene, job_lights if shadow_map_size else [], out_dir,
+                                                 size=shadow_map_size, frame=frame, cancel_check=cancel_check,
+                                                 surround=camera_position, surround_size=surround_size)
     step(0.95, "Writing job.json")
     job = {"format": "pbnds-job", "version": 2, "width": width, "height": height,
            "gbuffer": "gbuffer.exr", "hdri": "hdri.exr", "frame": frame, "camera": matrices,
            "lights": job_lights}
+    if surround is not None:
+        job["surround"] = surround
     if options:
         job["options"] = dict(options)
     path = out_dir / "job.json"

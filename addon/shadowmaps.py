@@ -28,21 +28,28 @@ from . import compat, gbuffer
 from .scene_state import check_cancel, preserved, temporary_copy
 
 MAX_PERSPECTIVE = math.radians(150)  # wider spots are mapped by a panorama
+SURROUND_SIZE = 256  # rows of the surround panorama (docs/job-format.md): a texel is 0.7 degrees
 CLIP_START = 1e-3  # m: geometry closer to a local light than this casts no shadow
 _GEOMETRY = {"MESH", "CURVE", "CURVES", "SURFACE", "META", "FONT", "POINTCLOUD", "VOLUME", "GREASEPENCIL"}
 
 
-def render_shadow_maps(scene, lights, out_dir, *, size=512, frame=None, cancel_check=None):
+def render_shadow_maps(scene, lights, out_dir, *, size=512, frame=None, cancel_check=None, surround=None,
+                       surround_size=SURROUND_SIZE):
     """Render ``out_dir``/shadow_<i>.exr for each contract light entry of ``lights`` (as
     addon/lights.py exports them) and add its ``shadow`` object to the entry in place.
 
     ``size``: the map's height in pixels (a panorama is twice as wide); ``frame``: the frame to
     render (default the scene's current one). A sun gets no map when nothing casts a shadow.
+    ``surround``: a world position (the job camera's) whose panorama, ``surround_size`` high, is
+    rendered too, into surround.exr: the job's `surround` map, whose object is returned (else None).
     The scene is left as it was.
     """
     out_dir = Path(out_dir).resolve()
-    if not lights:
-        return
+    maps = [(light, f"shadow_{index}.exr", size) for index, light in enumerate(lights)]
+    if surround is not None:
+        maps.append(({"type": "point", "position": [float(v) for v in surround]}, "surround.exr", surround_size))
+    if not maps:
+        return None
     out_dir.mkdir(parents=True, exist_ok=True)
     with preserved(scene) as state:
         frame = scene.frame_current if frame is None else int(frame)
@@ -53,7 +60,7 @@ def render_shadow_maps(scene, lights, out_dir, *, size=512, frame=None, cancel_c
         temp.collection.objects.link(camera)
         temp.camera = camera
         corners = _caster_corners(view_layer.depsgraph)
-        for index, light in enumerate(lights):
+        for light, name, size in maps:
             check_cancel(cancel_check)
             if light["type"] == "sun":
                 if not len(corners):
@@ -65,13 +72,14 @@ def render_shadow_maps(scene, lights, out_dir, *, size=512, frame=None, cancel_c
             temp.render.resolution_x, temp.render.resolution_y = width, size
             view_layer.depsgraph.update()
             matrices = gbuffer.camera_matrices(temp, view_layer, width, size)
-            path = out_dir / f"shadow_{index}.exr"
+            path = out_dir / name
             temp.render.filepath = str(path)
             bpy.ops.render.render(write_still=True, scene=temp.name)
             light["shadow"] = {"file": path.name, "projection": projection,
                                "world_to_light": matrices["world_to_camera"], "bias": 0.0}
             if projection != "equirectangular":
                 light["shadow"]["matrix"] = matrices["projection"]
+    return maps[-1][0]["shadow"] if surround is not None else None
 
 
 def _setup_render(temp, scene, frame):

@@ -139,6 +139,9 @@ class Job:
     options: Options = field(default_factory=Options)
     frame: int = 1
     lights: list[Light] = field(default_factory=list)
+    # the depth of everything around the camera (backend/shadowmaps.py ShadowMap, equirectangular), for the
+    # occluders that the G-buffer does not show; None without
+    surround: object | None = None
 
 
 TRANSPORT_LAYERS = {"visibility": 1, "bounce": 3, "reflection": 3}  # name: channels
@@ -192,10 +195,11 @@ def parse_job_json(data: dict) -> tuple[dict, Camera, Options, list[Light]]:
         raise JobError(f"job.json: unknown format version {version!r}; this backend reads {list(VERSIONS)}")
     known = {"format", "version", "width", "height", "gbuffer", "hdri", "frame", "camera", "options"}
     if version >= 2:
-        known.add("lights")
+        known |= {"lights", "surround"}
     unknown = sorted(set(data) - known)
     if unknown:
-        hint = " ('lights' needs version 2)" if "lights" in unknown else ""
+        newer = [repr(key) for key in ("lights", "surround") if key in unknown]
+        hint = f" ({' and '.join(newer)} {'needs' if len(newer) == 1 else 'need'} version 2)" if newer else ""
         raise JobError(f"job.json: unknown key(s) {unknown}{hint}")
     for key in ("width", "height"):
         value = data.get(key)
@@ -347,20 +351,23 @@ def job_from_parts(job_data: dict, gbuffer_channels: dict, hdri_channels: dict,
                gbuffer=gbuffer_from_channels(gbuffer_channels, width, height, data.get("gbuffer", "gbuffer.exr")),
                hdri=hdri_from_channels(hdri_channels, data.get("hdri", "hdri.exr")),
                camera=camera, options=options, frame=data.get("frame", 1),
-               lights=_with_shadow_maps(lights, read))
+               **_depth_maps(lights, data.get("surround"), read))
 
 
-def _with_shadow_maps(lights: list[Light], read: Callable[[str], dict] | None) -> list[Light]:
-    """The lights with their `shadow` objects read into ShadowMaps (backend/shadowmaps.py)."""
-    from .shadowmaps import parse_shadow  # it imports this module
+def _depth_maps(lights: list[Light], surround: dict | None, read: Callable[[str], dict] | None) -> dict:
+    """{"lights": the lights with their `shadow` objects read into ShadowMaps (backend/shadowmaps.py),
+    "surround": the surround map's ShadowMap or None}."""
+    from .shadowmaps import SURROUND, parse_shadow  # it imports this module
 
     def channels(file: str) -> dict:
         if read is None:
-            raise JobError(f"job.json: shadow map {file!r} was not given with the job")
+            raise JobError(f"job.json: depth map {file!r} was not given with the job")
         return read(file)
 
-    return [light if light.shadow is None else
-            replace(light, shadow=parse_shadow(light.shadow, light.type, light.name, channels)) for light in lights]
+    return {"lights": [light if light.shadow is None else
+                       replace(light, shadow=parse_shadow(light.shadow, light.type, light.name, channels))
+                       for light in lights],
+            "surround": None if surround is None else parse_shadow(surround, SURROUND, SURROUND, channels)}
 
 
 def load_job(path: str | Path, defaults: Options | None = None) -> Job:
@@ -384,7 +391,7 @@ def load_job(path: str | Path, defaults: Options | None = None) -> Job:
 
     def read(file: str) -> dict:
         if not (path.parent / file).is_file():
-            raise JobError(f"job.json: shadow map file {file!r} does not exist beside {path.name}")
+            raise JobError(f"job.json: depth map file {file!r} does not exist beside {path.name}")
         return _read(lambda: read_exr(path.parent / file), file)[0]
 
     return job_from_parts(data, gbuffer_channels, hdri_channels, defaults, read)
@@ -408,7 +415,7 @@ def job_from_bytes(job_json: bytes, gbuffer_exr: bytes, hdri_exr: bytes, default
 
     def read(file: str) -> dict:
         if file not in files:
-            raise JobError(f"job.json: shadow map file {file!r} was not uploaded with the job")
+            raise JobError(f"job.json: depth map file {file!r} was not uploaded with the job")
         return _read(lambda: read_exr_bytes(files[file], file, max_pixels=max_pixels), file)[0]
 
     return job_from_parts(data, gbuffer_channels, hdri_channels, defaults, read)
@@ -443,6 +450,8 @@ def write_job(job: Job, folder: str | Path, *, half: bool = False) -> Path:
             "gbuffer": "gbuffer.exr", "hdri": "hdri.exr", "frame": job.frame,
             "camera": job.camera.to_dict(), "options": asdict(job.options),
             "lights": [_light_entry(light, folder) for light in job.lights]}
+    if job.surround is not None:
+        data["surround"] = job.surround.write(folder)
     (folder / "job.json").write_text(json.dumps(data, indent=1))
     return folder / "job.json"
 

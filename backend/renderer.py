@@ -92,12 +92,14 @@ class PreparedGBuffer:
     mask: np.ndarray
     camera: Camera
     coverage: np.ndarray | None = None  # the G-buffer's coverage layer (backend/edges.py)
+    surround: ShadowMap | None = None  # the job's surround map: occluders the G-buffer does not show
     # The lights' (shadowed, unshadowed) term by (model, seed, light samples), with the light list it was
     # shaded for: it does not depend on the HDRI, so relights of the same job reuse it.
     lit: dict = field(default_factory=dict)
 
     @classmethod
-    def build(cls, gbuffer: GBuffer, camera: Camera, device: torch.device) -> PreparedGBuffer:
+    def build(cls, gbuffer: GBuffer, camera: Camera, device: torch.device,
+              surround: ShadowMap | None = None) -> PreparedGBuffer:
         height, width = gbuffer.size
         wo = view_directions(camera, width, height)
         position = gbuffer.position if gbuffer.position is not None else world_positions(camera, gbuffer.depth)
@@ -121,7 +123,7 @@ class PreparedGBuffer:
             if getattr(gbuffer, name) is not None:
                 images[name] = image(getattr(gbuffer, name))
         return cls(height, width, torch.from_numpy(index).to(device), pixels, pick(position.astype(np.float32)),
-                   images, gbuffer.mask, camera, gbuffer.coverage)
+                   images, gbuffer.mask, camera, gbuffer.coverage, surround)
 
     @functools.cached_property
     def screen_space(self) -> ScreenSpace:
@@ -135,7 +137,7 @@ class PreparedGBuffer:
         images = self.images
         return ScreenSpace(images["position"], images["normal"], images["depth"], images["mask"], self.pixels,
                            self.camera, budget=budget, back_depth=images.get("back_depth"),
-                           next_depth=images.get("next_depth"))
+                           next_depth=images.get("next_depth"), surround=self.surround)
 
     def transport(self, envmap: EnvironmentMap, rotation: float, unshadowed: torch.Tensor,
                   lights: torch.Tensor, preview: bool = False) -> Transport:
@@ -258,7 +260,7 @@ class Renderer:
         return self._fast_shaders[spec]
 
     def prepare(self, job: Job) -> PreparedGBuffer:
-        return PreparedGBuffer.build(job.gbuffer, job.camera, self.device)
+        return PreparedGBuffer.build(job.gbuffer, job.camera, self.device, job.surround)
 
     def render(self, job: Job, *, progress: Progress | None = None, cancel: CancelCheck | None = None) -> Result:
         started = time.perf_counter()

@@ -82,6 +82,7 @@ from .envmap import EnvironmentMap, luminance
 from .jobformat import Camera
 from .sampling import UNIFORM_SPHERE_PDF, cosine_local, ggx_directions, ggx_pdf_of, make_rays, to_world
 from .shaders import PixelInputs, layered_diffuse
+from .shadowmaps import Depths, ShadowMap
 
 LIGHTS = 32  # HDRI directions per pixel for the visibility
 LIGHT_SETS = 16  # ... drawn afresh for each pixel of a 4 x 4 tile, pooled by the filter (ScreenSpace.visibility)
@@ -192,13 +193,15 @@ class ScreenSpace:
 
     def __init__(self, position: torch.Tensor, normal: torch.Tensor, depth: torch.Tensor, mask: torch.Tensor,
                  pixels: PixelInputs, camera: Camera, *, seed: int = 0, budget: int = MARCH_BUDGET,
-                 back_depth: torch.Tensor | None = None, next_depth: torch.Tensor | None = None):
+                 back_depth: torch.Tensor | None = None, next_depth: torch.Tensor | None = None,
+                 surround: ShadowMap | None = None):
         """position, normal (1, 3, H, W) world space; depth, mask, back_depth, next_depth (1, 1, H, W), depth along
         the view axis of the visible surface and of the second and third surfaces along the pixel's ray; pixels:
         the foreground pixels' materials and view directions, in the mask's row-major order."""
         device = position.device
         self.height, self.width = height, width = depth.shape[-2:]
         self.depth, self.mask, self.materials, self.seed = depth, mask, pixels, seed
+        self.surround = None if surround is None else Depths(surround, device)
         foreground = mask[0, 0] > 0
         self.pixels = foreground.flatten().nonzero()[:, 0]  # (P,) flat indices of the foreground
         self.foreground_index = torch.zeros(height * width, dtype=torch.long, device=device)
@@ -252,10 +255,12 @@ class ScreenSpace:
         generator = torch.Generator().manual_seed(self.seed * 7919 + stream)
         return torch.rand(shape, generator=generator).to(self.depth.device)
 
-    def march(self, directions: torch.Tensor, jitter: torch.Tensor) -> torch.Tensor:
+    def march(self, directions: torch.Tensor, jitter: torch.Tensor, surround: bool = False) -> torch.Tensor:
         """What the marchers' rays hit: (M, K) flat pixel indices, -1 where a ray escapes.
 
-        directions (1 or M, K, 3) world space; jitter (M, K) in [0, 1), each ray's offset of its steps."""
+        directions (1 or M, K, 3) world space; jitter (M, K) in [0, 1), each ray's offset of its steps.
+        surround: steps off the image are tested against the surround map where there is one (then a ray
+        blocked there gets the index of the border pixel it left by: for whether it is blocked only)."""
         width, height = self.width, self.height
         steps = torch.arange(STEPS, device=directions.device)
         hits = torch.empty(jitter.shape, dtype=torch.long, device=directions.device)
@@ -288,13 +293,21 @@ class ScreenSpace:
             step = torch.diff(distance, dim=-1, prepend=torch.zeros_like(distance[..., :1]))
             continuous = (front - front_before).abs() <= CONTINUITY * step
             blocked |= (view_depth - front > tolerance) & ahead_before & continuous
+            # ... or, off the image, it is behind a surface of the surround map (as thick as the guess)
+            outside = (col < 1) | (col > width) | (row < 1) | (row > height)
+            if surround and self.surround is not None and outside.any():
+                points = self.starts[lo:hi, None, None] + dirs[:, :, None] * distance[..., None]
+                along, seen = self.surround(points[outside])
+                blocked[outside] |= (along - seen > TOLERANCE * along) & (along - seen < THICKNESS * self.scale)
             first = blocked.to(torch.uint8).argmax(-1, keepdim=True)  # the first blocked step
             hit_row = row.gather(-1, first)[..., 0].long() - 1
             hit_col = col.gather(-1, first)[..., 0].long() - 1
             hit = (hit_row * width + hit_col).clamp_(0, width * height - 1)
             # A surface below the start's tangent plane cannot be in the way of a ray that leaves it (the
-            # ray passed behind the start's own object, e.g. near a sphere's silhouette): it escapes.
+            # ray passed behind the start's own object, e.g. near a sphere's silhouette): it escapes. (Off
+            # the image the ray leaves upwards: lights below the plane carry no weight.)
             above = ((self.position_map[hit] - self.starts[lo:hi, None]) * self.start_normals[lo:hi, None]).sum(-1)
+            above = torch.where(outside.gather(-1, first)[..., 0], 1.0, above)
             hits[lo:hi] = torch.where(blocked.any(-1) & (above > 0), hit, -1)
         return hits
 
@@ -310,7 +323,8 @@ class ScreenSpace:
 
     def lights_free(self, directions: torch.Tensor) -> torch.Tensor:
         """Whether each marcher sees the HDRI along the directions (S, K, 3) of its light set, (M, K)."""
-        return self.march(self.per_marcher(directions), self._uniforms((len(self.starts), directions.shape[1]), 0)) < 0
+        jitter = self._uniforms((len(self.starts), directions.shape[1]), 0)
+        return self.march(self.per_marcher(directions), jitter, surround=True) < 0
 
     def visibility(self, directions: torch.Tensor, weights: torch.Tensor, free: torch.Tensor | None = None
                    ) -> torch.Tensor:

@@ -24,8 +24,10 @@ from .exrio import write_exr
 from .jobformat import JobError, _gather_layer, _split_layers
 
 PROJECTIONS = ("orthographic", "perspective", "equirectangular")
+SURROUND = "surround"  # the job's `surround` map: a panorama at the camera (docs/job-format.md)
 PROJECTIONS_OF = {"sun": ("orthographic",), "point": ("perspective", "equirectangular"),
-                  "spot": ("perspective", "equirectangular"), "area": ("perspective", "equirectangular")}
+                  "spot": ("perspective", "equirectangular"), "area": ("perspective", "equirectangular"),
+                  SURROUND: ("equirectangular",)}
 KEYS = {"file", "projection", "world_to_light", "matrix", "bias"}
 EMPTY = 1e9  # depths at least this far are misses (Blender writes 1e10)
 TAPS = 16  # blocker-search and filter taps per point
@@ -76,9 +78,10 @@ def _matrix(value, where: str) -> np.ndarray:
 
 def parse_shadow(value, light_type: str, light: str,
                  read: Callable[[str], dict[str, np.ndarray]]) -> ShadowMap:
-    """The ShadowMap of a light entry's `shadow` object; read(file) returns the EXR's channels (or raises
-    JobError)."""
-    where = f"job.json: light {light!r}: shadow"
+    """The ShadowMap of a light entry's `shadow` object, or of the job's `surround` (light_type and light
+    SURROUND); read(file) returns the EXR's channels (or raises JobError)."""
+    where = "job.json: surround" if light_type == SURROUND else f"job.json: light {light!r}: shadow"
+    of = "the surround map" if light_type == SURROUND else f"shadow map of {light_type} light {light!r}"
     if not isinstance(value, dict):
         raise JobError(f"{where} must be an object")
     unknown = sorted(set(value) - KEYS)
@@ -87,7 +90,7 @@ def parse_shadow(value, light_type: str, light: str,
     projection = value.get("projection")
     if projection not in PROJECTIONS_OF.get(light_type, PROJECTIONS):
         raise JobError(f"{where}.projection must be one of {list(PROJECTIONS_OF.get(light_type, PROJECTIONS))} "
-                       f"for a {light_type} light, got {projection!r}")
+                       f"for {of}, got {projection!r}")
     world_to_light = _matrix(value.get("world_to_light"), f"{where}.world_to_light")
     matrix = None
     if projection == "equirectangular":
@@ -103,12 +106,12 @@ def parse_shadow(value, light_type: str, light: str,
         raise JobError(f"{where}.file must be a path relative to job.json")
     layers = _split_layers(read(file))
     if "depth" not in layers:
-        raise JobError(f"{file} (shadow map of light {light!r}): no 'depth' layer (found {sorted(layers)})")
+        raise JobError(f"{file} ({of}): no 'depth' layer (found {sorted(layers)})")
     depth = _gather_layer("depth", 1, layers["depth"], file)
     if np.isnan(depth).any() or depth.min() < 0:
-        raise JobError(f"{file} (shadow map of light {light!r}): depths must be >= 0 and not NaN")
+        raise JobError(f"{file} ({of}): depths must be >= 0 and not NaN")
     if projection == "equirectangular" and depth.shape[1] != 2 * depth.shape[0]:
-        raise JobError(f"{file} (shadow map of light {light!r}): an equirectangular map must be 2:1, "
+        raise JobError(f"{file} ({of}): an equirectangular map must be 2:1, "
                        f"got {depth.shape[1]}x{depth.shape[0]}")
     depth = np.where(depth >= EMPTY, np.inf, depth).astype(np.float32)
     return ShadowMap(light, file, projection, world_to_light, matrix, float(bias), depth)
@@ -187,6 +190,19 @@ class _Lookup:
                                (1, 1, fx * fy)):
             out = out + weight * (depth <= self.texels(col + dc, row + dr))
         return out
+
+
+class Depths:
+    """The depth a map holds along each point's direction (its nearest texel) beside the point's own depth in
+    the map's terms: for the screen-space march's surround map (backend/screenspace.py)."""
+
+    def __init__(self, shadow: ShadowMap, device: torch.device):
+        self.shadow, self.lookup = shadow, _Lookup(shadow, device)
+
+    def __call__(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the points' depths, the map's depths there), (P,) each, for world points (P, 3)."""
+        x, y, depth, _, front, _ = _project(self.shadow, points, self.lookup.height, self.lookup.width)
+        return depth, torch.where(front, self.lookup.texels(x.floor(), y.floor()), math.inf)
 
 
 def _disc(count: int, device: torch.device) -> torch.Tensor:

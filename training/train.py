@@ -325,7 +325,7 @@ def shading_target(sample: Sample):
 def prepare(samples: list[Sample], device: torch.device) -> list[PreparedGBuffer]:
     from backend.renderer import PreparedGBuffer
 
-    return [PreparedGBuffer.build(s.job.gbuffer, s.job.camera, device) for s in samples]
+    return [PreparedGBuffer.build(s.job.gbuffer, s.job.camera, device, s.job.surround) for s in samples]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -154,8 +154,9 @@ def create_app(manager: JobManager, *, token: str, max_body: int, max_pixels: in
     @app.post("/v1/jobs", status_code=202)
     def submit(job: bytes = File(description="job.json"), gbuffer: bytes = File(description="gbuffer.exr"),
                hdri: bytes = File(description="hdri.exr"),
-               shadow_maps: list[UploadFile] = File(default=[], description="the lights' shadow maps, each "
-                                                    "under the file name job.json gives it")) -> dict:
+               shadow_maps: list[UploadFile] = File(default=[], description="the lights' shadow maps and the "
+                                                    "surround map, each under the file name job.json gives it")
+               ) -> dict:
         started = time.perf_counter()
         files = {}
         for upload in shadow_maps:

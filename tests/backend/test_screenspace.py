@@ -17,6 +17,7 @@ from backend.screenspace import (
     MIN_FACING,
     PREVIEW_BUDGET,
     PREVIEW_LIGHTS,
+    REACH,
     THICKNESS,
     ScreenSpace,
     Sky,
@@ -154,6 +155,54 @@ def test_neighbouring_pixels_pool_their_light_sets_under_many_small_lamps():
 
     pooled, shared = error(LIGHT_SETS), error(1)
     assert pooled < 0.03 and pooled < 0.6 * shared, (pooled, shared)  # measured: 0.018 and 0.044
+
+
+def wall_hits(start, direction, wall_y, height, half_width=10.0):
+    """Per start (..., 3): whether the ray along direction (3,) meets the rectangle y = wall_y, |x| <= half_width,
+    0 <= z <= height; and at what distance (inf where it does not)."""
+    t = (wall_y - start[..., 1]) / direction[1]
+    x, z = start[..., 0] + t * direction[0], start[..., 2] + t * direction[2]
+    hit = (t > 0) & (np.abs(x) <= half_width) & (z >= 0) & (z <= height)
+    return hit, np.where(hit, t, np.inf)
+
+
+def test_a_wall_behind_the_camera_shadows_the_floor_through_the_surround_map():
+    """A floor seen from a camera with a wall 0.5 behind it, taller than the camera, and a low sun behind the
+    wall: nothing on screen casts the wall's shadow over the near part of the floor. The job's surround map
+    (the depth all around the camera, here traced analytically) shows the wall to the rays that leave the
+    image: the shadow then covers the floor where ray tracing puts it."""
+    from backend.shadowmaps import SURROUND, ShadowMap
+
+    hdri, sun = sun_hdri(41, 191, height=128)  # behind the camera, 31 degrees up
+    centre, wall_y, height = np.array([0.0, -4.0, 1.2]), -4.5, 2.0
+    camera = Camera(look_at(centre, (0.0, 0.0, 0.3)), perspective(40.0, 160 / 120))
+    gbuffer = trace(camera, 160, 120, [Plane(0.0, 3.0, Material((0.5, 0.5, 0.5), roughness=0.8))])
+    rows = 128
+    polar = (np.arange(rows) + 0.5) / rows * np.pi
+    longitude = ((np.arange(2 * rows) + 0.5) / (2 * rows) - 0.5) * 2 * np.pi
+    polar, longitude = np.meshgrid(polar, longitude, indexing="ij")
+    # the directions of the map's texels: the contract's equirectangular layout, light space = world here
+    towards = np.stack([np.sin(polar) * np.sin(longitude), np.cos(polar), -np.sin(polar) * np.cos(longitude)], -1)
+    to_floor = np.where(towards[..., 2] < 0, -centre[2] / np.minimum(towards[..., 2], -1e-9), np.inf)
+    on_floor = centre[None, None, :2] + to_floor[..., None] * towards[..., :2]
+    to_floor = np.where((np.abs(on_floor) <= 3.0).all(-1), to_floor, np.inf)
+    to_wall = np.stack([wall_hits(centre, d, wall_y, height)[1] for d in towards.reshape(-1, 3)]).reshape(rows, -1)
+    world_to_light = np.eye(4)
+    world_to_light[:3, 3] = -centre
+    surround = ShadowMap(SURROUND, "surround.exr", "equirectangular", world_to_light, None, 0.0,
+                         np.minimum(to_floor, to_wall).astype(np.float32))
+    floor = gbuffer.mask > 0
+    expected, distance = wall_hits(gbuffer.position + 1e-3 * gbuffer.normal, sun, wall_y, height)
+    directions, weights = light_directions(EnvironmentMap(hdri))
+    without = screen_space(gbuffer, camera).visibility(directions, weights)[0, 0].numpy()
+    assert (without[floor] < 0.5).mean() < 0.01  # no occluder on screen
+    space = screen_space(gbuffer, camera, surround=surround)
+    shadowed = (space.visibility(directions, weights)[0, 0].numpy() < 0.5) & floor
+    # within the march's reach (the scene's median depth) the shadow is where ray tracing puts it
+    reached = floor & (distance < 0.9 * REACH * float(space.scale))
+    assert (expected & reached).sum() > 500
+    assert (shadowed == expected)[reached].mean() > 0.95
+    assert (shadowed & ~expected).sum() < 0.01 * floor.sum()
 
 
 @pytest.mark.parametrize("row, col", [(28, 80), (36, 128)])

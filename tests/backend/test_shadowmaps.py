@@ -224,3 +224,32 @@ def test_a_job_with_a_shadowed_sun_renders_its_shadow_and_round_trips(tmp_path):
     (tmp_path / "shadow_0.exr").unlink()
     with pytest.raises(JobError, match="shadow_0.exr.*does not exist"):
         load_job(tmp_path)
+
+
+def test_the_surround_map_round_trips_and_must_be_a_panorama(tmp_path):
+    """The job's `surround` (the depth all around the camera) is written beside job.json, read back by
+    load_job and job_from_bytes, and must be an equirectangular map of a version 2 job."""
+    import json
+
+    from backend.shadowmaps import SURROUND
+
+    camera = Camera(look_at((0.0, -4.5, 3.0), (0.0, 0.0, 0.3)), perspective(40.0, 1.0))
+    gbuffer = trace(camera, 16, 16, [Plane(0.0, EXTENT)])
+    depth = np.linspace(1.0, 9.0, 32, dtype=np.float32).reshape(4, 8)
+    surround = ShadowMap(SURROUND, "surround.exr", "equirectangular", np.eye(4), None, 0.0, depth)
+    job = Job(16, 16, gbuffer, constant_hdri((1.0, 1.0, 1.0)), camera, surround=surround)
+    write_job(job, tmp_path)
+    loaded = load_job(tmp_path)
+    np.testing.assert_array_equal(loaded.surround.depth, depth)
+    parts = [(tmp_path / name).read_bytes() for name in ("job.json", "gbuffer.exr", "hdri.exr")]
+    files = {"surround.exr": (tmp_path / "surround.exr").read_bytes()}
+    assert job_from_bytes(*parts, files=files).surround.projection == "equirectangular"
+    with pytest.raises(JobError, match="surround.exr.*not uploaded"):
+        job_from_bytes(*parts)
+    data = json.loads((tmp_path / "job.json").read_text())
+    for change, message in [({"version": 1}, "'surround' need version 2"),
+                            ({"surround": {**data["surround"], "projection": "orthographic"}},
+                             "surround.projection .*surround map")]:
+        (tmp_path / "job.json").write_text(json.dumps({**data, **change}))
+        with pytest.raises(JobError, match=message):
+            load_job(tmp_path)
