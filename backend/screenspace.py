@@ -53,13 +53,20 @@ nothing depends on the scene's units). A step is blocked where the ray passes th
   back. So a ball in the air does not shadow like a long column, while a cup whose far wall lies close behind
   its near one stays solid: the camera cannot see what closes the space between them (a tilted cup's bottom),
   and a ray from below would pass through it.
+- or the step has left the image, the ray rises (world +Z), and the job's surround map (a depth panorama at
+  the camera, docs/job-format.md) shows a surface in front of the step's point, by at most the guessed
+  thickness: the walls and ceiling behind and above the camera that hide a room's sky. A ray heading down
+  that leaves the image keeps the HDRI: the ground it would meet off screen faces up and is lit by the sky,
+  about as the HDRI's own lower half is, and nothing on screen says more (blocking it took 0.3-0.4 dB from
+  scenes on a ground: the ground's light is then missing, not the sky's).
 Testing part of the way, not only the step's point, keeps a thin object between two steps from being
 skipped; the whole way would take a ray that passes just behind an object's rim for blocked. Step positions
 are jittered per pixel and ray: fixed positions find a thin occluder at the same distances from every pixel
 and draw repeated "ghost" copies of its shadow in stripes; jittered ones turn that into noise, which an
 edge-aware (tangent plane and normal) filter removes. A hit below the start's tangent plane is not one (the
-ray passed behind its own object). What the camera does not see (off-screen or hidden occluders, the backs
-of objects) cannot block or bounce: the network corrects what it can.
+ray passed behind its own object). What the camera does not see (hidden occluders, the backs of objects, and
+off screen all but what the surround map shows rising rays) cannot block or bounce: the network corrects
+what it can.
 
 Cost: pixels x rays x steps depth lookups. Above MARCH_BUDGET foreground pixels, one pixel per block
 marches and its block shares what its rays hit (each pixel keeps its own cosine weights and radiance).
@@ -293,12 +300,14 @@ class ScreenSpace:
             step = torch.diff(distance, dim=-1, prepend=torch.zeros_like(distance[..., :1]))
             continuous = (front - front_before).abs() <= CONTINUITY * step
             blocked |= (view_depth - front > tolerance) & ahead_before & continuous
-            # ... or, off the image, it is behind a surface of the surround map (as thick as the guess)
+            # ... or, off the image, a ray that rises is behind a surface of the surround map (as thick as the
+            # guess): the sky that walls and ceilings the camera does not see hide (module docstring)
             outside = (col < 1) | (col > width) | (row < 1) | (row > height)
-            if surround and self.surround is not None and outside.any():
+            if surround and self.surround is not None:
+                tested = outside & (dirs[..., 2] > 0)[:, :, None]
                 points = self.starts[lo:hi, None, None] + dirs[:, :, None] * distance[..., None]
-                along, seen = self.surround(points[outside])
-                blocked[outside] |= (along - seen > TOLERANCE * along) & (along - seen < THICKNESS * self.scale)
+                along, seen = self.surround(points[tested])
+                blocked[tested] |= (along - seen > TOLERANCE * along) & (along - seen < THICKNESS * self.scale)
             first = blocked.to(torch.uint8).argmax(-1, keepdim=True)  # the first blocked step
             hit_row = row.gather(-1, first)[..., 0].long() - 1
             hit_col = col.gather(-1, first)[..., 0].long() - 1
