@@ -274,14 +274,15 @@ class ViewportState:
 
     def _export(self, scene, view_matrix, window_matrix, size, options):
         """The job of the view's G-buffer (Cycles, one sample) with `options` written in it; its job.json path.
-        No coverage, back_depth or next_depth layers: their Cycles sessions would add to every camera or geometry
-        change (the shadows then take objects' thickness from the guess, backend/screenspace.py)."""
+        No coverage, back_depth or next_depth layers and no surround map: their Cycles sessions would add to every
+        camera or geometry change (the shadows then take objects' thickness from the guess and see nothing off
+        the picture, backend/screenspace.py)."""
         job_dir = self.workdir / "job"
         shutil.rmtree(job_dir, ignore_errors=True)
         with temporary_camera(scene, *camera_settings(view_matrix, window_matrix, *size)):
             return Path(gbuffer.export_job(scene, job_dir, samples=1, options=options, width=size[0],
                                            height=size[1], hdri_width=8, coverage=False,
-                                           behind=False))
+                                           behind=False, surround_size=0))
 
     def draw_arrays(self):
         """(RGBA image or None, error text) to draw now."""
