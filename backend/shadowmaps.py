@@ -134,10 +134,7 @@ def _project(shadow: ShadowMap, points: torch.Tensor, height: int, width: int):
     to_light = torch.as_tensor(shadow.world_to_light, dtype=points.dtype, device=points.device)
     q = points @ to_light[:3, :3].T + to_light[:3, 3]
     if shadow.projection == "equirectangular":
-        distance = q.norm(dim=-1).clamp(min=1e-12)
-        longitude, polar = torch.atan2(q[:, 0], -q[:, 2]), torch.acos((q[:, 1] / distance).clamp(-1, 1))
-        x = (0.5 + longitude / (2 * math.pi)) * width
-        y = polar / math.pi * height
+        x, y, distance, longitude, polar = _panorama(q, height, width)
         east = torch.stack([longitude.cos(), torch.zeros_like(x), longitude.sin()], -1)
         south = torch.stack([polar.cos() * longitude.sin(), -polar.sin(), -polar.cos() * longitude.cos()], -1)
         axes = torch.stack([east, south], 1) @ to_light[:3, :3]
@@ -152,6 +149,14 @@ def _project(shadow: ShadowMap, points: torch.Tensor, height: int, width: int):
     # world size of a texel: at unit w for a perspective map (times the depth), everywhere for an orthographic one
     texel = max(2 / (abs(shadow.matrix[0, 0]) * width), 2 / (abs(shadow.matrix[1, 1]) * height)) * w
     return x, y, -q[:, 2], texel, front, torch.stack([to_light[0, :3], -to_light[1, :3]])[None]
+
+
+def _panorama(q: torch.Tensor, height: int, width: int):
+    """Light-space points (P, 3) on an equirectangular map: continuous texel coordinates x, y, their
+    distance from its centre, longitude and polar angle."""
+    distance = q.norm(dim=-1).clamp(min=1e-12)
+    longitude, polar = torch.atan2(q[:, 0], -q[:, 2]), torch.acos((q[:, 1] / distance).clamp(-1, 1))
+    return (0.5 + longitude / (2 * math.pi)) * width, polar / math.pi * height, distance, longitude, polar
 
 
 def _light_directions(shadow: ShadowMap, points: torch.Tensor) -> torch.Tensor:
@@ -193,16 +198,20 @@ class _Lookup:
 
 
 class Depths:
-    """The depth a map holds along each point's direction (its nearest texel) beside the point's own depth in
-    the map's terms: for the screen-space march's surround map (backend/screenspace.py)."""
+    """The distance a panorama holds along each point's direction (its nearest texel) beside the point's own
+    distance from its centre: the screen-space march's surround map (backend/screenspace.py)."""
 
     def __init__(self, shadow: ShadowMap, device: torch.device):
-        self.shadow, self.lookup = shadow, _Lookup(shadow, device)
+        if shadow.projection != "equirectangular":
+            raise ValueError(f"{shadow.light}: a surround map is equirectangular, not {shadow.projection}")
+        self.lookup = _Lookup(shadow, device)
+        to_light = torch.as_tensor(shadow.world_to_light, dtype=torch.float32, device=device)
+        self.rotation, self.offset = to_light[:3, :3].T.contiguous(), to_light[:3, 3]
 
     def __call__(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the points' depths, the map's depths there), (P,) each, for world points (P, 3)."""
-        x, y, depth, _, front, _ = _project(self.shadow, points, self.lookup.height, self.lookup.width)
-        return depth, torch.where(front, self.lookup.texels(x.floor(), y.floor()), math.inf)
+        """(the points' distances, the map's distances there), (P,) each, for world points (P, 3)."""
+        x, y, distance, _, _ = _panorama(points @ self.rotation + self.offset, self.lookup.height, self.lookup.width)
+        return distance, self.lookup.texels(x.floor(), y.floor())
 
 
 def _disc(count: int, device: torch.device) -> torch.Tensor:

@@ -33,9 +33,10 @@ def test_success_leaves_scene_unchanged(tmp_path, open_fixture, fixture):
     assert dump_diff(before, scene_state.property_dump(scene)) == []
 
 
-@pytest.mark.parametrize("step", [2, 3])
+@pytest.mark.parametrize("step", [2, 3, 5])
 def test_failure_mid_export_leaves_scene_unchanged(tmp_path, open_fixture, step):
-    """Step 2: raised after the AOV nodes, compositor and passes are set up; 3: after the render."""
+    """Step 2: raised after the AOV nodes, compositor and passes are set up; 3: after the render; 5: with the
+    surround map's render set up."""
     scene = open_fixture("spheres")
     before = scene_state.property_dump(scene)
     with pytest.raises(RuntimeError, match="injected"):
@@ -44,7 +45,7 @@ def test_failure_mid_export_leaves_scene_unchanged(tmp_path, open_fixture, step)
     assert dump_diff(before, scene_state.property_dump(scene)) == []
 
 
-@pytest.mark.parametrize("step", [2, 3])
+@pytest.mark.parametrize("step", [2, 3, 5])
 def test_cancel_leaves_scene_unchanged(tmp_path, open_fixture, step):
     scene = open_fixture("suzanne")
     before = scene_state.property_dump(scene)
@@ -62,7 +63,7 @@ def test_cancelled_dataset_leaves_scene_unchanged(tmp_path, open_fixture):
     with pytest.raises(gbuffer.ExportCancelled):
         dataset.export_dataset(scene, tmp_path, views=1, hdris=[dataset.bundled_hdris()[0]], width=8,
                                height=8, gt_samples=1, gbuffer_samples=1, hdri_width=16,
-                               cancel_check=stop_at(7, lambda: True))
+                               cancel_check=stop_at(9, lambda: True))
     assert (tmp_path / "v000_h00" / "gt_full.exr").exists()
     assert not (tmp_path / "v000_h00" / "gt_unshadowed.exr").exists()
     assert dump_diff(before, scene_state.property_dump(scene)) == []
