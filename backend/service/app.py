@@ -161,7 +161,7 @@ def create_app(manager: JobManager, *, token: str, max_body: int, max_pixels: in
         files = {}
         for upload in shadow_maps:
             if upload.filename in files:
-                raise JobError(f"shadow map file {upload.filename!r} was uploaded twice")
+                raise JobError(f"depth map file {upload.filename!r} was uploaded twice")
             files[upload.filename] = upload.file.read()
         parsed = job_from_bytes(job, gbuffer, hdri, renderer.defaults, files, max_pixels=max_pixels)
         check_model(parsed.options)

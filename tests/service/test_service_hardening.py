@@ -155,7 +155,7 @@ def _json_cases(files) -> list[tuple[str, dict, int, str]]:
     cases += [(f"lights {text}", {**files, "job": _job(files, lights=lights)}, 400, text)
               for lights, text in BAD_LIGHTS]
     cases += [("shadow map not uploaded", {**files, "job": _job(files, lights=SHADOWED)}, 400,
-               "shadow map file 's.exr' was not uploaded")]
+               "depth map file 's.exr' was not uploaded")]
     singular = [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 1]]
     cases += [("singular world_to_camera", {**files, "job": _job(files, **{"camera.world_to_camera": singular})},
                400, "camera.world_to_camera is singular"),
