@@ -14,7 +14,9 @@ leaves cast their cut-out shadows (Cycles writes depth behind surfaces more than
 - spot: a perspective camera down the cone, as wide as the cone (plus a texel), up to 150 degrees;
   wider spots get the panorama, centred on the axis;
 - area: the panorama from the centre, centred on the normal (its size softens the shadow in the
-  backend).
+  backend);
+- the job's surround map: the panorama at the job camera's position, so that the screen-space shadows
+  see the walls and ceilings outside the picture (docs/job-format.md, `surround`).
 """
 
 import math
