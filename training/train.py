@@ -294,8 +294,9 @@ def render_unshadowed(checkpoint: Path, prepared: list[PreparedGBuffer], samples
 
 
 def on_film(premultiplied, alpha, background):
-    """An image premultiplied by its alpha over the world behind it, as the ground truth's opaque film shows
-    it (and `pbnds eval` scores it): at a silhouette, Cycles' pixel is part object and part world."""
+    """backend.edges.over_background for (B, C, H, W) tensors with their alpha (B, 1, H, W): the image as the
+    ground truth's opaque film shows it (and `pbnds eval` scores it), part object and part world at a
+    silhouette."""
     return premultiplied + (1 - alpha) * background
 
 
@@ -405,11 +406,11 @@ class ShaderStage:
         return reconstruction_loss(self.config.loss, predictions[0], target)
 
     def validate(self, checkpoint: Path) -> dict[str, float]:
-        from backend.edges import world_background
+        from backend.edges import over_background, world_background
 
         results = render_unshadowed(checkpoint, self.val_prepared, self.val, self.config.val_rays,
                                     self.config.sampling, self.workers.device)
-        images = [on_film(r.unshadowed, r.mask[..., None], world_background(s.job))
+        images = [over_background(r.unshadowed, r.mask, world_background(s.job))
                   for r, s in zip(results, self.val, strict=True)]
         return psnr_scores(images, [shading_target(s) for s in self.val], [s.job.gbuffer.mask for s in self.val])
 
